@@ -1,0 +1,333 @@
+"""Typed parameters for every stage, loaded from ``params/*.yaml``.
+
+One pydantic model per params file, one file per stage (``data.yaml`` feeds ``prepare``,
+``model.yaml`` + ``pretrain.yaml`` feed ``pretrain`` ...). The same models serve the CLI, DVC
+(which reads the YAML files as ``params:``), Prefect flow parameters and tests, so a bad value
+is caught once, before any work starts, with the file, key, value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Preset = Literal["pilamim", "pilamim_nocls", "mae", "latent", "latent_cls"]
+ModelSize = Literal["micro", "mini", "tiny", "small", "base", "large"]
+
+
+class ParamsError(ValueError):
+    """A params file or override is wrong; the message says where and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Strict):
+    """``params/data.yaml`` — where images come from and how they are split (stage ``prepare``)."""
+
+    source: str = Field(
+        "embedded",
+        description="'embedded' (bundled Fashion-MNIST subset), a local image folder "
+        "(one subfolder per class), or 's3://bucket/prefix'",
+    )
+    embedded_idx_dir: str | None = Field(
+        None, description="folder with the full Fashion-MNIST gzip IDX files; "
+        "null uses the bundled subset"
+    )
+    raw_dir: str = Field("data/raw", description="where a source is materialised as image files")
+    out_dir: str = Field("data/prepared", description="manifest.csv + dataset.json go here")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    max_images_per_class: int | None = Field(None, ge=1, description="cap per class (null: all)")
+    bad_images: Literal["skip", "fail"] = "skip"
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be < 0.9 to leave training data")
+        return self
+
+
+class ModelParams(_Strict):
+    """``params/model.yaml`` — the PiLaMIM model; ``preset`` picks which branches exist."""
+
+    preset: Preset = "pilamim"
+    size: ModelSize = "mini"
+    img_size: int = Field(28, ge=8, le=1024)
+    patch_size: int = Field(4, ge=1, le=64)
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    decoder_depth: int = Field(6, ge=1, le=32)
+    decoder_width: int = Field(384, ge=8)
+    decoder_heads: int = Field(12, ge=1)
+    qkv_bias: bool = False
+    init: Literal["torch", "xavier"] = Field(
+        "torch", description="'torch': PyTorch default Linear init (official code); 'xavier': MAE"
+    )
+    norm_pix_loss: bool = Field(False, description="MAE per-patch normalised pixel target")
+    target_init: Literal["copy", "independent"] = Field(
+        "copy", description="'copy': target starts as the encoder (I-JEPA); 'independent': "
+        "own random init (official code)"
+    )
+    target_token_order: Literal["raster", "shuffled"] = Field(
+        "raster", description="'shuffled' reproduces the official code's bug (target tokens "
+        "left permuted); for ablations only"
+    )
+
+    @model_validator(mode="after")
+    def _shapes_divide(self) -> ModelParams:
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(
+                f"decoder_width {self.decoder_width} must be a multiple of "
+                f"decoder_heads {self.decoder_heads}"
+            )
+        return self
+
+
+class PretrainParams(_Strict):
+    """``params/pretrain.yaml`` — the optimisation recipe (stage ``pretrain``)."""
+
+    data_dir: str = "data/prepared"
+    out_dir: str = "models/pretrain"
+    metrics_path: str = "metrics/pretrain.json"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, description="per device, per micro-step")
+    accum_steps: int = Field(1, ge=1)
+    base_lr: float = Field(1.5e-4, gt=0.0, description="lr = base_lr * global_batch / 256")
+    lr: float | None = Field(None, gt=0.0, description="absolute lr; overrides base_lr scaling")
+    min_lr: float = Field(0.0, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    schedule_unit: Literal["step", "epoch"] = Field(
+        "step", description="'epoch' reproduces the official once-per-epoch lr change"
+    )
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    decay_all_params: bool = Field(
+        False, description="true: decay biases/norms/tokens too (official code)"
+    )
+    ema_momentum: tuple[float, float] = Field((0.996, 1.0), description="start, end")
+    grad_clip: float | None = Field(None, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    checkpoint_every_steps: int = Field(200, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    figure_every_epochs: int = Field(1, ge=0, description="0 disables reconstruction figures")
+    knn_every_epochs: int = Field(0, ge=0, description="kNN monitor on val; 0 disables")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> PretrainParams:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        m0, m1 = self.ema_momentum
+        if not 0.0 <= m0 <= m1 <= 1.0:
+            raise ValueError(f"ema_momentum {self.ema_momentum} must satisfy 0 <= start <= end <= 1")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must each be in [0, 1)")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+
+class ProbeParams(_Strict):
+    """``params/probe.yaml`` — linear probe (paper protocol) and kNN on the frozen encoder."""
+
+    data_dir: str = "data/prepared"
+    encoder_dir: str = "models/pretrain"
+    out_dir: str = "models/probe"
+    metrics_path: str = "metrics/probe.json"
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: int = Field(10, ge=0)
+    batch_size: int = Field(256, ge=1)
+    base_lr: float = Field(0.1, gt=0.0, description="lr = base_lr * batch / 256")
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["lars", "sgd"] = "lars"
+    augment: bool = Field(False, description="RRC + flip; false caches features once")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> ProbeParams:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+
+class FinetuneParams(_Strict):
+    """``params/finetune.yaml`` — end-to-end fine-tuning (MAE protocol)."""
+
+    data_dir: str = "data/prepared"
+    encoder_dir: str = "models/pretrain"
+    out_dir: str = "models/finetune"
+    metrics_path: str = "metrics/finetune.json"
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: int = Field(5, ge=0)
+    batch_size: int = Field(128, ge=1)
+    accum_steps: int = Field(1, ge=1)
+    base_lr: float = Field(5e-4, gt=0.0, description="lr = base_lr * global_batch / 256")
+    min_lr: float = Field(1e-6, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    layer_decay: float = Field(0.65, gt=0.0, le=1.0)
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.8, ge=0.0)
+    cutmix: float = Field(1.0, ge=0.0)
+    randaugment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto_augment spec")
+    reprob: float = Field(0.25, ge=0.0, le=1.0, description="random erasing probability")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> FinetuneParams:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
+
+
+# Gate metric name -> (metrics file group, key in that JSON). The files are the probe and
+# finetune stages' outputs (``metrics/probe.json``, ``metrics/finetune.json``).
+GateMetric = Literal["probe_top1", "probe_top5", "knn_top1", "finetune_top1", "finetune_top5"]
+
+
+class RegisterParams(_Strict):
+    """``params/register.yaml`` — log, register and gate the encoder (stage ``register``).
+
+    Metric values are fractions in [0, 1] (``top1: 0.83``), so ``floor`` and
+    ``min_improvement`` are too.
+    """
+
+    model_name: str = Field("pilamim-encoder", min_length=1, max_length=200,
+                            description="registered model name in the MLflow Model Registry")
+    gate_metric: GateMetric = Field(
+        "probe_top1", description="probe_top1|probe_top5|knn_top1 read metrics/probe.json "
+        "(top1, top5, knn_top1); finetune_top1|finetune_top5 read metrics/finetune.json"
+    )
+    min_improvement: float = Field(
+        0.0, ge=0.0, le=1.0, description="new version must beat the champion by at least this"
+    )
+    floor: float = Field(0.2, ge=0.0, le=1.0,
+                         description="absolute minimum of the gate metric to become champion")
+    encoder_dir: str = "models/pretrain"
+    probe_metrics: str = "metrics/probe.json"
+    finetune_metrics: str = "metrics/finetune.json"
+    data_dir: str = "data/prepared"
+    metrics_path: str = "metrics/register.json"
+
+
+# Params file name (without .yaml) -> model. Adding a group here is all a new stage needs.
+GROUPS: dict[str, type[_Strict]] = {
+    "data": DataParams,
+    "model": ModelParams,
+    "pretrain": PretrainParams,
+    "probe": ProbeParams,
+    "finetune": FinetuneParams,
+    "register": RegisterParams,
+}
+
+
+# The group is called ``register`` like the stage; pydantic warns that the name shadows
+# ``ABCMeta.register`` (a class-level method nobody calls on Params). Harmless, so silenced.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows',
+                        category=UserWarning)
+
+
+class Params(_Strict):
+    """Every group, as read from one params directory."""
+
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    probe: ProbeParams = ProbeParams()
+    finetune: FinetuneParams = FinetuneParams()
+    register: RegisterParams = RegisterParams()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, dict[str, Any]], override: str) -> None:
+    key, sep, value = override.partition("=")
+    group, dot, path = key.strip().partition(".")
+    if not sep or not dot or not path:
+        raise ParamsError(f"--set {override!r}: expected GROUP.KEY=VALUE, e.g. pretrain.epochs=5")
+    if group not in raw:
+        raise ParamsError(f"--set {override!r}: unknown group {group!r}; one of {sorted(raw)}")
+    node = raw[group]
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"--set {override!r}: value is not valid YAML: {err}") from err
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(file)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}' — remove it or check its spelling")
+        else:
+            got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+            lines.append(f"{source}: key '{key}'{got}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_group(group: str, raw: dict[str, Any], source: str | None = None) -> _Strict:
+    """Validate one group's mapping, turning pydantic's error into a :class:`ParamsError`."""
+    try:
+        return GROUPS[group].model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_explain(err, source or f"params group '{group}'")) from None
+
+
+def load_params(params_dir: str | Path = "params", overrides: list[str] | None = None) -> Params:
+    """Read ``<params_dir>/<group>.yaml`` for every group (a missing file means defaults)."""
+    root = Path(params_dir)
+    if not root.is_dir():
+        raise ParamsError(f"params directory {root} does not exist; pass --params DIR")
+    raw = {g: _read_yaml(root / f"{g}.yaml") if (root / f"{g}.yaml").exists() else {}
+           for g in GROUPS}
+    for override in overrides or []:
+        _apply_override(raw, override)
+    groups = {}
+    for group, values in raw.items():
+        source = str(root / f"{group}.yaml")
+        groups[group] = validate_group(group, values, source)
+    return Params(**groups)
+
+
+def dump_params(params: Params, params_dir: str | Path) -> None:
+    """Write each group back as ``<group>.yaml`` (the effective params of a run)."""
+    root = Path(params_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for group in GROUPS:
+        values = getattr(params, group).model_dump(mode="json")
+        (root / f"{group}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,288 @@
+"""The pretraining loop: resumable, DDP-aware, no host sync per step on the GPU.
+
+Reports through a :class:`pilamim.callbacks.Logger`; writes the checkpoint, the exported encoder,
+reconstruction figures and ``metrics/pretrain.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pilamim.callbacks import Logger, NullLogger
+from pilamim.config import Params
+from pilamim.data.dataset import ManifestDataset
+from pilamim.data.prepared import load_prepared
+from pilamim.data.transforms import eval_transform, pretrain_transform
+from pilamim.device import autocast, autocast_dtype, resolve_device
+from pilamim.io import atomic_write_json
+from pilamim.model import PiLaMIM, build_pilamim
+from pilamim.model.export import export_encoder
+from pilamim.train.checkpoint import CHECKPOINT, check_compatible, load_checkpoint, save_checkpoint
+from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from pilamim.train.figures import reconstruction_figure
+from pilamim.train.optim import build_adamw
+from pilamim.train.sampler import EpochSampler
+from pilamim.train.schedules import cosine_with_warmup, linear
+
+LOSS_TERMS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "feature_std")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is left as it was."""
+
+
+class _Plan:
+    """Batch sizes and step counts derived once from params, data size and world size."""
+
+    def __init__(self, params: Params, train_size: int, world: int) -> None:
+        p = params.pretrain
+        self.micro_batch = p.batch_size
+        self.global_batch = p.batch_size * p.accum_steps * world
+        self.steps_per_epoch = train_size // (p.batch_size * world) // p.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the train split has {train_size} images, fewer than one global batch of "
+                f"{self.global_batch} (batch_size {p.batch_size} x accum_steps {p.accum_steps} x "
+                f"{world} processes); lower pretrain.batch_size or use more data")
+        self.total_steps = p.epochs * self.steps_per_epoch
+        self.warmup_steps = round(p.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = p.lr if p.lr is not None else p.base_lr * self.global_batch / 256
+
+    def lr(self, params: Params, step: int) -> float:
+        p = params.pretrain
+        if p.schedule_unit == "epoch":  # official code: one value per epoch
+            step = (step // self.steps_per_epoch) * self.steps_per_epoch
+        return cosine_with_warmup(step, self.total_steps, self.warmup_steps, self.peak_lr,
+                                  p.min_lr)
+
+    def momentum(self, params: Params, step: int) -> float:
+        start, end = params.pretrain.ema_momentum
+        return linear(step, self.total_steps, start, end)
+
+
+def _meta(params: Params, in_chans: int, plan: _Plan) -> dict[str, Any]:
+    return {"model": params.model.model_dump(mode="json"), "in_chans": in_chans,
+            "global_batch": plan.global_batch, "pretrain": params.pretrain.model_dump(mode="json")}
+
+
+def _fixed_figure_batch(prepared, params: Params, device: torch.device) -> torch.Tensor:
+    split = "val" if prepared.split("val") else "train"
+    ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
+                                                         prepared.std))
+    return torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(device)
+
+
+def _save_figure(model: PiLaMIM, images: torch.Tensor, params: Params, prepared, epoch: int,
+                 out_dir: Path) -> Path:
+    g = torch.Generator(device=images.device).manual_seed(params.pretrain.seed)
+    noise = torch.rand(images.shape[0], model.num_patches, generator=g, device=images.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(images, noise)
+    model.train(was_training)
+    return reconstruction_figure(
+        images, out.pred_pixels, out.mask, params.model.patch_size, prepared.mean, prepared.std,
+        out_dir / "figures" / f"recon_epoch{epoch:03d}.png", title=f"epoch {epoch}",
+        norm_pix=params.model.norm_pix_loss)
+
+
+def pretrain(params: Params, logger: Logger | None = None) -> dict[str, Any]:
+    """Pretrain (or resume) per ``params``; returns the summary also written to metrics JSON."""
+    logger = logger or NullLogger()
+    p = params.pretrain
+    info = init_distributed(p.device)
+    try:
+        return _pretrain(params, logger, info)
+    finally:
+        shutdown(info)
+
+
+def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
+    p = params.pretrain
+    device = resolve_device(p.device, info.local_rank)
+    prepared = load_prepared(p.data_dir)
+    train_set = ManifestDataset(prepared, "train", pretrain_transform(
+        params.model.img_size, prepared.mean, prepared.std, p.crop_scale, p.hflip))
+    plan = _Plan(params, len(train_set), info.world)
+
+    torch.manual_seed(p.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    model = build_pilamim(params.model, prepared.channels).to(device)
+    optimizer = build_adamw(model, plan.peak_lr, p.weight_decay, p.betas, p.decay_all_params,
+                            device)
+    # One generator, same seed on every rank: each rank takes its rows of the global draw, so
+    # ranks get different masks and a DDP run equals a single-process run of the same batch.
+    mask_gen = torch.Generator(device=device).manual_seed(p.seed)
+
+    out_dir = Path(p.out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    meta = _meta(params, prepared.channels, plan)
+    step = 0
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, device)
+        check_compatible(state["meta"], meta, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        mask_gen.set_state(state["mask_generator"].cpu())
+        torch.set_rng_state(state["cpu_rng"].cpu())
+        step = int(state["step"])
+        if info.is_main and step:
+            print(f"resuming from {ckpt_path} at step {step}/{plan.total_steps}")
+
+    net = DistributedDataParallel(model) if info.enabled else model
+    forward = torch.compile(net) if p.compile else net
+    amp = autocast_dtype(device, p.precision)
+    sampler = EpochSampler(len(train_set), info.world, info.rank, p.seed)
+    figure_batch = (_fixed_figure_batch(prepared, params, device)
+                    if info.is_main and model.pixel_decoder is not None
+                    and p.figure_every_epochs else None)
+
+    def checkpoint(at_step: int) -> None:
+        if info.is_main:
+            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=at_step,
+                            mask_generator=mask_gen, meta=meta)
+
+    sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
+    epoch_sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
+    counted, epoch_counted = 0, 0
+    last_saved = step
+    t_log, images_since = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    progress = tqdm(total=plan.total_steps, initial=step, disable=not info.is_main,
+                    desc="pretrain", unit="step", dynamic_ncols=True)
+
+    for epoch in range(step // plan.steps_per_epoch, p.epochs):
+        done_in_epoch = step - epoch * plan.steps_per_epoch
+        sampler.set_epoch(epoch, start=done_in_epoch * p.accum_steps * p.batch_size)
+        loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=p.num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        batches = iter(loader)
+        net.train()
+        for _ in range(done_in_epoch, plan.steps_per_epoch):
+            lr = plan.lr(params, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(p.accum_steps):
+                images, _labels = next(batches)
+                images = images.to(device, non_blocking=True)
+                noise = torch.rand(p.batch_size * info.world, model.num_patches,
+                                   generator=mask_gen, device=device)[info.rank::info.world]
+                sync = micro == p.accum_steps - 1 or not info.enabled
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, amp):
+                    out = forward(images, noise)
+                (out.loss / p.accum_steps).backward()
+                for k in LOSS_TERMS:
+                    v = getattr(out, k)
+                    if v is not None:
+                        sums[k] += v.detach().float()
+                        epoch_sums[k] += v.detach().float()
+                counted += 1
+                epoch_counted += 1
+            grad_norm = None
+            if p.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            elif (step + 1) % p.log_every_steps == 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            momentum = plan.momentum(params, step)
+            model.update_target(momentum)
+            step += 1
+            images_since += plan.global_batch
+            progress.update(1)
+
+            # On CPU a sync is free, so check every step; on GPU only when we read values.
+            at_log = step % p.log_every_steps == 0 or step == plan.total_steps
+            at_ckpt = step % p.checkpoint_every_steps == 0 or step == plan.total_steps
+            if at_log or at_ckpt or device.type == "cpu":
+                _check_finite(sums["loss"], step, ckpt_path, last_saved)
+            if at_log:
+                elapsed = time.perf_counter() - t_log
+                metrics = {k: (sums[k] / counted).item() for k in LOSS_TERMS
+                           if k == "loss" or sums[k].item() != 0.0}
+                metrics.update(lr=lr, ema_momentum=momentum, epoch=epoch,
+                               images_per_s=images_since / max(elapsed, 1e-9))
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                if info.is_main:
+                    logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, step)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                         img_s=f"{metrics['images_per_s']:.0f}")
+                for v in sums.values():
+                    v.zero_()
+                counted, images_since, t_log = 0, 0, time.perf_counter()
+            if at_ckpt:
+                checkpoint(step)
+                last_saved = step
+
+        epoch_metrics = {f"pretrain/epoch_{k}": (epoch_sums[k] / max(epoch_counted, 1)).item()
+                         for k in LOSS_TERMS}
+        for v in epoch_sums.values():
+            v.zero_()
+        epoch_counted = 0
+        if info.is_main:
+            logger.log_metrics(epoch_metrics, step)
+            if figure_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
+                logger.log_artifact(_save_figure(model, figure_batch, params, prepared, epoch,
+                                                 out_dir))
+    progress.close()
+    if step != last_saved:
+        checkpoint(step)
+    barrier(info)
+
+    summary = {"steps": step, "epochs": p.epochs, "global_batch": plan.global_batch,
+               "peak_lr": plan.peak_lr, "world_size": info.world, "preset": params.model.preset,
+               "train_images": len(train_set), "wall_time_s": time.perf_counter() - t_start,
+               "dataset_digest": prepared.digest}
+    if info.is_main:
+        name, kwargs = model.encoder_spec()
+        export_encoder(model.encoder, name, kwargs, out_dir,
+                       extra={"mean": list(prepared.mean), "std": list(prepared.std),
+                              "preset": params.model.preset,
+                              "dataset_digest": prepared.digest})
+        summary.update(_final_losses(model, prepared, params, device))
+        atomic_write_json(p.metrics_path, summary)
+    return summary
+
+
+def _check_finite(loss_sum: torch.Tensor, step: int, ckpt_path: Path, last_saved: int) -> None:
+    value = float(loss_sum)
+    if not math.isfinite(value):
+        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is kept"
+                if ckpt_path.exists() else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"pretraining loss became {value} by step {step}; {kept}. Lower the learning rate "
+            "(pretrain.base_lr), set pretrain.grad_clip, or use pretrain.precision: fp32.")
+
+
+@torch.no_grad()
+def _final_losses(model: PiLaMIM, prepared, params: Params, device: torch.device,
+                  max_images: int = 512) -> dict[str, float]:
+    """Losses on the val split without augmentation, a fixed mask: comparable across runs."""
+    split = "val" if prepared.split("val") else "train"
+    ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
+                                                         prepared.std))
+    loader = DataLoader(range(min(len(ds), max_images)), batch_size=128)
+    g = torch.Generator(device=device).manual_seed(params.pretrain.seed)
+    totals: dict[str, float] = {}
+    n = 0
+    model.eval()
+    for idx in loader:
+        images = torch.stack([ds[int(i)][0] for i in idx]).to(device)
+        out = model(images, torch.rand(len(idx), model.num_patches, generator=g, device=device))
+        for k in LOSS_TERMS:
+            v = getattr(out, k)
+            if v is not None:
+                totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + float(v) * len(idx)
+        n += len(idx)
+    return {k: v / n for k, v in totals.items()}

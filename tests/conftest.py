@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models and the tiny embedded data set, so every test takes seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pilamim.config import ModelParams
+
+# Tests own their tool state: no stray MLflow/Prefect/DVC state from the developer's machine.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def micro_model_params(**changes) -> ModelParams:
+    base = dict(size="micro", img_size=16, patch_size=4, decoder_depth=1, decoder_width=16,
+                decoder_heads=2)
+    return ModelParams(**{**base, **changes})
+
+
+@pytest.fixture
+def micro_params() -> ModelParams:
+    return micro_model_params()
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> str:
+    """The embedded data set, 30 images per class (210 train / 30 val / 60 test), prepared once."""
+    from pilamim.config import DataParams
+    from pilamim.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    params = DataParams(raw_dir=str(root / "raw"), out_dir=str(root / "prepared"),
+                        max_images_per_class=30)
+    prepare(params)
+    return params.out_dir
+
+
+def micro_run_params(workdir, data_dir: str, model: dict | None = None, **pretrain):
+    """Params for a seconds-long micro pretraining run writing under ``workdir``."""
+    from pilamim.config import Params, PretrainParams
+
+    pre = dict(data_dir=data_dir, out_dir=str(workdir / "models" / "pretrain"),
+               metrics_path=str(workdir / "metrics" / "pretrain.json"), epochs=2, batch_size=16,
+               lr=1e-3, warmup_epochs=0.5, log_every_steps=1, checkpoint_every_steps=5,
+               figure_every_epochs=1, device="cpu")
+    return Params(model=micro_model_params(**(model or {})),
+                  pretrain=PretrainParams(**{**pre, **pretrain}))

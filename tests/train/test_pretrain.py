@@ -1,0 +1,144 @@
+"""The pretraining loop for real on the tiny embedded data: loss, outputs, resume, NaN, DDP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pilamim.callbacks import MemoryLogger
+from pilamim.config import dump_params
+from pilamim.train import NonFiniteLossError, pretrain
+from tests.conftest import micro_run_params
+
+
+def test_micro_pretrain_loss_falls_and_writes_outputs(tmp_path, tiny_prepared):
+    params = micro_run_params(tmp_path, tiny_prepared, epochs=6)
+    log = MemoryLogger()
+    summary = pretrain(params, log)
+    losses = log.series("pretrain/loss")
+    assert len(losses) == summary["steps"] == 6 * (210 // 16)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    for key in ("pretrain/loss_pixel", "pretrain/loss_latent", "pretrain/loss_cls", "pretrain/lr",
+                "pretrain/ema_momentum", "pretrain/grad_norm", "pretrain/images_per_s",
+                "pretrain/feature_std"):
+        assert log.series(key), key
+    out = tmp_path / "models" / "pretrain"
+    assert {p.name for p in out.iterdir()} >= {"checkpoint.pt", "encoder.safetensors",
+                                               "encoder.json", "figures"}
+    assert len(list((out / "figures").glob("recon_epoch*.png"))) == 6
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["steps"] == summary["steps"] and metrics["val_loss"] > 0
+    momentum = log.series("pretrain/ema_momentum")
+    assert momentum[0] == pytest.approx(0.996) and momentum == sorted(momentum)
+
+
+def test_rerun_after_completion_does_no_training(tmp_path, tiny_prepared):
+    params = micro_run_params(tmp_path, tiny_prepared, epochs=1)
+    pretrain(params)
+    log = MemoryLogger()
+    pretrain(params, log)
+    assert log.series("pretrain/loss") == []
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(MemoryLogger):
+    def __init__(self, step):
+        super().__init__()
+        self.stop = step
+
+    def log_metrics(self, metrics, step):
+        if step >= self.stop:
+            raise _Interrupt
+        super().log_metrics(metrics, step)
+
+
+def _weights(tmp_path):
+    return torch.load(tmp_path / "models" / "pretrain" / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_prepared):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    pretrain(micro_run_params(full_dir, tiny_prepared, checkpoint_every_steps=4))
+    cut = micro_run_params(cut_dir, tiny_prepared, checkpoint_every_steps=4)
+    with pytest.raises(_Interrupt):
+        pretrain(cut, _StopAt(19))  # mid-epoch 2 (13 steps/epoch); last checkpoint: step 16
+    assert torch.load(cut_dir / "models/pretrain/checkpoint.pt", weights_only=True)["step"] == 16
+    pretrain(cut)
+    a, b = _weights(full_dir), _weights(cut_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_prepared):
+    params = micro_run_params(tmp_path, tiny_prepared, lr=1e8, warmup_epochs=0,
+                              checkpoint_every_steps=1)
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint") as err:
+        pretrain(params)
+    state = torch.load(tmp_path / "models/pretrain/checkpoint.pt", weights_only=True)
+    assert state["step"] >= 1
+    assert f"step {state['step']}" in str(err.value)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _cli(workdir, params, *extra, world=1):
+    pdir = workdir / "params"
+    dump_params(params, pdir)
+    launcher = [sys.executable, "-m", "pilamim.cli"]
+    if world > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                    "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "pilamim.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [*launcher, "pretrain", "--params", str(pdir), *extra], env
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    common = dict(epochs=3, checkpoint_every_steps=3, figure_every_epochs=0)
+    cmd, env = _cli(full_dir, micro_run_params(full_dir, tiny_prepared, **common))
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common))
+    ckpt = cut_dir / "models/pretrain/checkpoint.pt"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < 39, "the kill must land mid-run for this test to mean anything"
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    a, b = _weights(full_dir), _weights(cut_dir)
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, tiny_prepared):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(epochs=1, figure_every_epochs=0, accum_steps=2)
+    cmd, env = _cli(one, micro_run_params(one, tiny_prepared, batch_size=8, **common))
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    cmd, env = _cli(two, micro_run_params(two, tiny_prepared, batch_size=4, **common), world=2)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(str(one / "models/pretrain/encoder.safetensors"))
+    b = load_file(str(two / "models/pretrain/encoder.safetensors"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-5, k
+    assert json.loads((two / "metrics/pretrain.json").read_text())["world_size"] == 2
