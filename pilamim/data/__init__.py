@@ -1,0 +1,9 @@
+"""Data: sources -> image folder -> validated, split manifest -> torch datasets.
+
+Import the submodules directly (``pilamim.data.prepare``, ``pilamim.data.dataset`` ...); this
+package file stays import-light so ``pilamim prepare`` does not pay for torch.
+"""
+
+from pilamim.data.errors import DataError
+
+__all__ = ["DataError"]

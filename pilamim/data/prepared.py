@@ -1,0 +1,106 @@
+"""Read the output of ``prepare`` (``manifest.csv`` + ``dataset.json``) back into Python.
+
+Every later stage starts from :func:`load_prepared`, so it checks what a user can get wrong
+(stage not run, folder moved, manifest edited by hand) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = "manifest.csv"
+DATASET_FILE = "dataset.json"
+MANIFEST_COLUMNS = ("path", "label", "split", "sha256")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: ``path`` relative to the data set root (POSIX), class name, split, sha256."""
+
+    path: str
+    label: str
+    split: str
+    sha256: str
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared data set: where the images are, their classes, statistics and split."""
+
+    root: Path
+    classes: list[str]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    digest: str
+    records: list[Record]
+    out_dir: Path | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @cached_property
+    def class_to_index(self) -> dict[str, int]:
+        """Label name -> label index (its position in the sorted ``classes``)."""
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def split(self, name: str) -> list[Record]:
+        """The records of one split (``train``, ``val`` or ``test``), in manifest order."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; use 'train', 'val' or 'test'")
+        return [r for r in self.records if r.split == name]
+
+    def path_of(self, record: Record) -> Path:
+        return self.root / record.path
+
+    def label_index(self, record: Record) -> int:
+        return self.class_to_index[record.label]
+
+
+def load_prepared(out_dir: str | Path) -> PreparedDataset:
+    """Load ``<out_dir>/dataset.json`` + ``manifest.csv``; verify they belong together."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    hint = "run `pilamim prepare` first"
+    for name in (DATASET_FILE, MANIFEST_FILE):
+        if not (out_dir / name).is_file():
+            raise FileNotFoundError(f"prepared data set not found: {out_dir / name} is missing; "
+                                    f"{hint} (or point data_dir at its output folder)")
+    info = json.loads((out_dir / DATASET_FILE).read_text())
+    manifest = (out_dir / MANIFEST_FILE).read_bytes()
+    if hashlib.sha256(manifest).hexdigest() != info.get("digest"):
+        raise ValueError(f"{out_dir / MANIFEST_FILE} does not match the digest in "
+                         f"{DATASET_FILE} (edited or half copied?); {hint} again")
+    root = Path(info["root"])
+    root = root if root.is_absolute() else (out_dir / root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} named by {out_dir / DATASET_FILE} is "
+                                f"missing; {hint} again")
+    reader = csv.reader(io.StringIO(manifest.decode(), newline=""))
+    header = tuple(next(reader))
+    if header != MANIFEST_COLUMNS:
+        raise ValueError(f"{out_dir / MANIFEST_FILE}: columns {header}, expected "
+                         f"{MANIFEST_COLUMNS}; {hint} again")
+    records = [Record(*row) for row in reader]
+    return PreparedDataset(
+        root=root,
+        classes=list(info["classes"]),
+        channels=int(info["channels"]),
+        mean=tuple(info["mean"]),
+        std=tuple(info["std"]),
+        digest=info["digest"],
+        records=records,
+        out_dir=out_dir,
+        counts=info.get("counts", {}),
+        skipped=info.get("skipped", []),
+    )

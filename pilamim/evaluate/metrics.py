@@ -1,0 +1,93 @@
+"""Classification metrics shared by the linear probe, kNN and fine-tuning.
+
+Accuracies are fractions in [0, 1]. Everything returned is plain Python (floats, ints, lists)
+so it goes straight into ``metrics/*.json`` and MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pilamim.io import atomic_write, atomic_write_json
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
+    """Fraction of rows whose true label is among the ``k`` highest scores (k capped at C)."""
+    if labels.numel() == 0:
+        return 0.0
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return (top == labels.view(-1, 1)).any(dim=1).float().mean().item()
+
+
+def confusion_matrix(preds: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """[C, C] counts; row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor,
+                           classes: Sequence[str]) -> dict[str, Any]:
+    """top-1, top-k (k = min(5, C)), per-class accuracy and the confusion matrix.
+
+    ``per_class_accuracy`` is ``None`` for a class with no samples (JSON has no NaN).
+    """
+    logits = logits.detach().float().cpu()
+    labels = labels.detach().long().cpu()
+    num_classes = len(classes)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match {num_classes} classes")
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logits rows but {labels.shape[0]} labels")
+    matrix = confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    support = matrix.sum(dim=1)
+    correct = matrix.diag()
+    per_class = {
+        name: (correct[i].item() / support[i].item() if support[i] > 0 else None)
+        for i, name in enumerate(classes)
+    }
+    return {
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix.tolist(),
+        "num_samples": int(labels.numel()),
+    }
+
+
+def save_confusion_matrix_png(matrix: Sequence[Sequence[int]] | Tensor, classes: Sequence[str],
+                              path: str | Path) -> Path:
+    """Row-normalised heat map with counts; rendered off-screen (Agg), written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    rows = counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    frac = (counts / rows).numpy()
+    n = len(classes)
+    side = max(4.0, 0.45 * n + 2.0)
+    fig = Figure(figsize=(side, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), labels=list(classes), rotation=90)
+    ax.set_yticks(range(n), labels=list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_metrics_json(path: str | Path, metrics: dict[str, Any]) -> Path:
+    return atomic_write_json(path, metrics)

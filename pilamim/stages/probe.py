@@ -1,0 +1,45 @@
+"""Stage ``probe``: linear probe (paper protocol) and kNN on the frozen online encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pilamim.callbacks import Logger, NullLogger
+from pilamim.config import Params
+from pilamim.data.dataset import ManifestDataset
+from pilamim.data.prepared import load_prepared
+from pilamim.data.transforms import eval_transform, pretrain_transform
+from pilamim.device import resolve_device
+from pilamim.evaluate.linear_probe import run_linear_probe
+from pilamim.evaluate.metrics import save_confusion_matrix_png, write_metrics_json
+from pilamim.model.export import load_encoder, read_spec
+
+
+def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
+    p = params.probe
+    logger = logger or NullLogger()
+    torch.manual_seed(p.seed)
+    prepared = load_prepared(p.data_dir)
+    spec = read_spec(p.encoder_dir)
+    encoder = load_encoder(p.encoder_dir)
+    size = spec["img_size"]
+    plain = eval_transform(size, prepared.mean, prepared.std)
+    train_tf = pretrain_transform(size, prepared.mean, prepared.std) if p.augment else plain
+    train = ManifestDataset(prepared, "train", train_tf)
+    evals = {s: ManifestDataset(prepared, s, plain) for s in ("val", "test") if prepared.split(s)}
+    out = Path(p.out_dir)
+    # kNN needs un-augmented training features as its memory bank.
+    knn_bank = ManifestDataset(prepared, "train", plain) if p.augment else None
+    metrics = run_linear_probe(encoder, train, evals, prepared.classes, p,
+                               resolve_device(p.device), logger, knn_train_ds=knn_bank,
+                               head_path=out / "head.pt")
+    if "test" in metrics:
+        png = save_confusion_matrix_png(metrics["test"]["confusion_matrix"], prepared.classes,
+                                        out / "confusion_matrix.png")
+        logger.log_artifact(png)
+    metrics["dataset_digest"] = prepared.digest
+    write_metrics_json(p.metrics_path, metrics)
+    return metrics

@@ -1,0 +1,1 @@
+"""Tests of pilamim.data: sources, prepare, prepared data set, torch dataset, transforms."""

@@ -1,0 +1,64 @@
+"""Small builders for test data: image folders, broken images, IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write ``array`` in IDX format (big-endian for multi-byte types)."""
+    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    header = bytes([0, 0, IDX_TYPE_CODES[dtype], array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(dtype).tobytes()
+    path.write_bytes(gzip.compress(payload, mtime=0) if gz else payload)
+    return path
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_image(rng: np.random.Generator, mode: str = "L", size=(20, 24)) -> np.ndarray:
+    """A random uint8 image of ``size`` (height, width); 3 channels for RGB."""
+    shape = size if mode == "L" else (*size, 3)
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def make_tree(
+    root: Path,
+    per_class: dict[str, int],
+    mode: str = "L",
+    seed: int = 0,
+    size=(20, 24),
+    suffix: str = ".png",
+) -> Path:
+    """``root/<class>/img_<i>.png`` with random pixels; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image = Image.fromarray(random_image(rng, mode, size))
+            image.save(root / name / f"img_{i:03d}{suffix}")
+    return root
+
+
+def add_broken_images(folder: Path) -> tuple[Path, Path]:
+    """Put one undecodable and one truncated PNG into ``folder``; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(b"this is not an image at all" * 10)
+    truncated = folder / "truncated.png"
+    whole = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8))
+    truncated.write_bytes(whole[: len(whole) // 2])
+    return corrupt, truncated

@@ -1,0 +1,1 @@
+"""Launchers for real servers used by the tests (SeaweedFS S3, ...), never mocks."""

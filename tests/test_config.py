@@ -1,0 +1,86 @@
+"""Every way a user can get params wrong ends in one message naming file, key, value, rule."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pilamim.config import Params, ParamsError, dump_params, load_params
+
+
+def _write(tmp_path, group, values):
+    (tmp_path / f"{group}.yaml").write_text(yaml.safe_dump(values))
+    return tmp_path
+
+
+def test_repo_params_and_preset_are_valid():
+    assert load_params("params").model.preset == "pilamim"
+    assert load_params("params/presets/imagenet-vit-b16").model.size == "base"
+
+
+def test_missing_files_mean_defaults_and_roundtrip(tmp_path):
+    params = load_params(tmp_path)
+    assert params == Params()
+    dump_params(params, tmp_path / "out")
+    assert load_params(tmp_path / "out") == params
+
+
+@pytest.mark.parametrize("group,values,expected", [
+    ("pretrain", {"epohcs": 3}, ["pretrain.yaml", "unknown key 'epohcs'"]),
+    ("pretrain", {"epochs": "many"}, ["pretrain.yaml", "'epochs'", "'many'", "integer"]),
+    ("pretrain", {"epochs": 0}, ["'epochs'", "(got 0)", "greater than or equal to 1"]),
+    ("model", {"preset": "mea"}, ["model.yaml", "'preset'", "'mea'", "'pilamim'"]),
+    ("model", {"img_size": 30, "patch_size": 4}, ["model.yaml", "multiple of patch_size"]),
+    ("data", {"bad_images": "ignore"}, ["data.yaml", "'bad_images'", "'skip' or 'fail'"]),
+    ("data", {"val_fraction": 0.45, "test_fraction": 0.45}, ["leave training data"]),
+    ("probe", {"warmup_epochs": 20, "epochs": 10}, ["probe.yaml", "exceeds epochs"]),
+    ("finetune", {"layer_decay": 1.5}, ["finetune.yaml", "'layer_decay'", "1.5"]),
+    ("pretrain", {"crop_scale": [0.9, 0.2]}, ["crop_scale"]),
+])
+def test_bad_values_name_file_key_value_and_rule(tmp_path, group, values, expected):
+    _write(tmp_path, group, values)
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_file_that_is_not_a_mapping(tmp_path):
+    (tmp_path / "model.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(tmp_path)
+    (tmp_path / "model.yaml").write_text("preset: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path)
+
+
+def test_overrides(tmp_path):
+    params = load_params(tmp_path, ["pretrain.epochs=7", "pretrain.betas=[0.8, 0.9]"])
+    assert params.pretrain.epochs == 7 and params.pretrain.betas == (0.8, 0.9)
+    with pytest.raises(ParamsError, match="GROUP.KEY=VALUE"):
+        load_params(tmp_path, ["epochs=7"])
+    with pytest.raises(ParamsError, match="unknown group 'pretrian'"):
+        load_params(tmp_path, ["pretrian.epochs=7"])
+    with pytest.raises(ParamsError, match="unknown key 'epoch'"):
+        load_params(tmp_path, ["pretrain.epoch=7"])
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "nope")
+
+
+def test_cli_reports_bad_params_before_any_work(tmp_path):
+    _write(tmp_path, "pretrain", {"epochs": -1})
+    done = subprocess.run([sys.executable, "-m", "pilamim.cli", "pretrain", "--params",
+                           str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "pretrain.yaml" in done.stderr and "'epochs'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_help_lists_params():
+    done = subprocess.run([sys.executable, "-m", "pilamim.cli", "pretrain", "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "params/pretrain.yaml" in done.stdout and "warmup_epochs" in done.stdout
+    assert "params/model.yaml" in done.stdout and "preset" in done.stdout
