@@ -135,7 +135,8 @@ class PretrainParams(_Strict):
             raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
         m0, m1 = self.ema_momentum
         if not 0.0 <= m0 <= m1 <= 1.0:
-            raise ValueError(f"ema_momentum {self.ema_momentum} must satisfy 0 <= start <= end <= 1")
+            raise ValueError(
+                f"ema_momentum {self.ema_momentum} must satisfy 0 <= start <= end <= 1")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas {self.betas} must each be in [0, 1)")
         if self.warmup_epochs > self.epochs:

@@ -64,7 +64,8 @@ def build_encoder(params: ModelParams, in_chans: int, **overrides: Any) -> nn.Mo
     return encoder
 
 
-def encode_visible(encoder: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+def encode_visible(encoder: nn.Module, images: torch.Tensor,
+                   ids_keep: torch.Tensor) -> torch.Tensor:
     """Run only [CLS] + the kept patches through the blocks: (B, 1 + K, D) after the final norm.
 
     Position embeddings are added before dropping patches, so kept tokens keep their place.

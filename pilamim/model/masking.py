@@ -13,7 +13,7 @@ import torch
 
 class Mask(NamedTuple):
     ids_keep: torch.Tensor  # (B, K) patch indices fed to the encoder, in shuffled order
-    ids_restore: torch.Tensor  # (B, N) inverse permutation: puts shuffled tokens back in raster order
+    ids_restore: torch.Tensor  # (B, N) inverse permutation: shuffled order -> raster order
     mask: torch.Tensor  # (B, N) float, 1 = masked (to predict), 0 = visible, raster order
 
 

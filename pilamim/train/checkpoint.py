@@ -32,7 +32,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict[str, Any]:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a torn or foreign file: say which and what to do
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}; delete it to start over") from err
+        raise RuntimeError(
+            f"cannot read checkpoint {path}: {err}; delete it to start over") from err
 
 
 def check_compatible(saved_meta: dict[str, Any], meta: dict[str, Any], path: Path) -> None:

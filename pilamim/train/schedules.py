@@ -1,4 +1,4 @@
-"""Per-iteration schedules (the official code changes lr once per epoch; option ``schedule_unit``)."""
+"""Per-iteration schedules (the official code steps lr once per epoch: ``schedule_unit``)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ class _StopAt(MemoryLogger):
 
 
 def _weights(tmp_path):
-    return torch.load(tmp_path / "models" / "pretrain" / "checkpoint.pt", weights_only=True)["model"]
+    path = tmp_path / "models" / "pretrain" / "checkpoint.pt"
+    return torch.load(path, weights_only=True)["model"]
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_prepared):

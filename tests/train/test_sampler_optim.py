@@ -13,7 +13,8 @@ def test_sampler_shards_match_single_process_batches():
     assert len(r0) == len(r1) == 11
     # global batch k of the single process = union of each rank's batch k
     for k in range(2):
-        assert set(single[8 * k: 8 * k + 8]) == set(r0[4 * k: 4 * k + 4]) | set(r1[4 * k: 4 * k + 4])
+        union = set(r0[4 * k: 4 * k + 4]) | set(r1[4 * k: 4 * k + 4])
+        assert set(single[8 * k: 8 * k + 8]) == union
 
 
 def test_sampler_resume_offset_and_seeds_depend_on_index_epoch_only():
