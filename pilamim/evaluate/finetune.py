@@ -30,9 +30,9 @@ from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import make_loader
 from pilamim.evaluate.linear_probe import report_split
 from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
-from pilamim.evaluate.schedule import set_lr, warmup_cosine
 from pilamim.evaluate.seeding import seeded
 from pilamim.model.export import WEIGHTS, read_spec
+from pilamim.schedules import cosine_with_warmup, set_lr
 
 # With global_pool="avg" timm moves the final norm after pooling (fc_norm): the exported
 # ``norm.*`` has no place, ``fc_norm.*`` and the new ``head.*`` start fresh (as in MAE).
@@ -205,7 +205,7 @@ def run_finetune(encoder_dir: str | Path, train_ds: Dataset, eval_sets: Mapping[
                 if i >= used:
                     break
                 if i % accum == 0:
-                    set_lr(optimizer, warmup_cosine(step, total, warmup, lr, params.min_lr))
+                    set_lr(optimizer, cosine_with_warmup(step, total, warmup, lr, params.min_lr))
                 images = images.to(device, non_blocking=True)
                 targets = torch.as_tensor(labels).long().to(device, non_blocking=True)
                 if mixup is not None:

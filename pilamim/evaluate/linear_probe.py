@@ -26,9 +26,9 @@ from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import extract_features, make_loader
 from pilamim.evaluate.knn import knn_metrics
 from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
-from pilamim.evaluate.schedule import set_lr, warmup_cosine
 from pilamim.evaluate.seeding import seeded
 from pilamim.io import atomic_torch_save
+from pilamim.schedules import cosine_with_warmup, set_lr
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
 
@@ -167,7 +167,7 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
                 loss_sum = torch.zeros((), device=device)
                 seen = 0
                 for feats, labels in batches(epoch):
-                    set_lr(optimizer, warmup_cosine(step, total, warmup, lr))
+                    set_lr(optimizer, cosine_with_warmup(step, total, warmup, lr))
                     loss = F.cross_entropy(head(feats), labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -1,4 +1,4 @@
-"""Pretraining: schedules, optimizer groups, sampling, checkpoints, the loop."""
+"""Pretraining: optimizer groups, sampling, checkpoints, the loop."""
 
 from pilamim.train.loop import NonFiniteLossError, pretrain
 

@@ -26,12 +26,12 @@ from pilamim.device import autocast, autocast_dtype, resolve_device
 from pilamim.io import atomic_write_json
 from pilamim.model import PiLaMIM, build_pilamim
 from pilamim.model.export import export_encoder
+from pilamim.schedules import cosine_with_warmup, linear
 from pilamim.train.checkpoint import CHECKPOINT, check_compatible, load_checkpoint, save_checkpoint
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
 from pilamim.train.optim import build_adamw
 from pilamim.train.sampler import EpochSampler
-from pilamim.train.schedules import cosine_with_warmup, linear
 
 LOSS_TERMS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "feature_std")
 

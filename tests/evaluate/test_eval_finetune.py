@@ -15,7 +15,7 @@ from pilamim.evaluate.finetune import (
     finetune_transform,
     run_finetune,
 )
-from pilamim.evaluate.schedule import set_lr, warmup_cosine
+from pilamim.schedules import cosine_with_warmup, set_lr
 
 TINY = dict(epochs=2, warmup_epochs=1, batch_size=16, device="cpu", drop_path=0.1)
 
@@ -70,9 +70,9 @@ def test_layer_decay_gives_each_depth_its_own_lr(encoder_dir):
 
 
 def test_schedule_warms_up_then_decays():
-    lrs = [warmup_cosine(s, total=10, warmup=2, base=1.0, final=0.1) for s in range(10)]
-    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] > 0.1
+    lrs = [cosine_with_warmup(s, total=10, warmup=2, peak=1.0, final=0.1) for s in range(10)]
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] > 0.1
 
 
 @pytest.mark.parametrize("mix", [(0.8, 1.0), (0.0, 0.0)], ids=["mixup", "plain"])

@@ -1,6 +1,6 @@
 import pytest
 
-from pilamim.train.schedules import cosine_with_warmup, linear
+from pilamim.schedules import cosine_with_warmup, linear
 
 
 def test_lr_warmup_then_cosine():

@@ -1,4 +1,7 @@
-"""Per-iteration schedules (the official code steps lr once per epoch: ``schedule_unit``)."""
+"""Per-iteration schedules shared by pretraining and the evaluation protocols.
+
+The official code steps lr once per epoch; pretraining keeps that as ``schedule_unit: epoch``.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +24,9 @@ def linear(step: float, total: float, start: float, end: float) -> float:
     if total <= 0:
         return end
     return start + (end - start) * min(1.0, step / total)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every group's lr, honouring timm's per-group ``lr_scale`` (layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
