@@ -48,13 +48,15 @@ class MemoryLogger:
 class CSVLogger:
     """Appends rows with a fixed set of columns (the ones DVC plots draw) to a CSV file.
 
-    The file is started fresh unless ``resume`` is set, in which case rows with a step at or
-    past ``resume_from_step`` are dropped so a resumed run does not duplicate them.
+    Metric ``prefix + column`` fills ``column``. The file is started fresh unless
+    ``resume_from_step`` is set; then rows at or past that step are dropped, so a resumed run
+    does not duplicate them.
     """
 
     def __init__(self, path: str | Path, columns: Iterable[str], step_name: str = "step",
-                 resume_from_step: int | None = None) -> None:
+                 resume_from_step: int | None = None, prefix: str = "") -> None:
         self.path = Path(path)
+        self.prefix = prefix
         self.columns = [step_name, *columns]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[dict[str, str]] = []
@@ -67,9 +69,10 @@ class CSVLogger:
             writer.writerows(kept)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if not any(c in metrics for c in self.columns[1:]):
+        values = {c: metrics.get(self.prefix + c, "") for c in self.columns[1:]}
+        if values[self.columns[1]] == "":  # the first column keys a row: no value, no row
             return
-        row = {self.columns[0]: step, **{c: metrics.get(c, "") for c in self.columns[1:]}}
+        row = {self.columns[0]: step, **values}
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self.columns).writerow(row)
 

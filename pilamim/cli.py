@@ -1,24 +1,27 @@
-"""``pilamim <stage>``: one command per stage, params from ``params/`` plus ``--set`` overrides.
+"""``pilamim <command>``: one command per stage, the whole pipeline, and the model registry.
 
-Errors a user can cause end with one line saying what to do; ``--debug`` shows the traceback.
+Params come from ``params/`` plus ``--set`` overrides. Errors a user can cause end with one
+message saying what to do; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Sequence
 
-from pilamim.config import GROUPS, Params, ParamsError, load_params
+from pilamim.config import GROUPS, ParamsError, load_params
 from pilamim.stages import STAGE_GROUPS
 
 _DOC = {
-    "prepare": "Materialise the data source, validate images, split, write the manifest.",
+    "fetch": "Materialise the data source (embedded / folder / s3://) as images under raw_dir.",
+    "prepare": "Validate images, split train/val/test, write the manifest and dataset digest.",
     "pretrain": "PiLaMIM pretraining (resumes from models/pretrain/checkpoint.pt if present).",
     "probe": "Linear probe + kNN on the frozen pretrained encoder -> metrics/probe.json.",
     "finetune": "Fine-tune the pretrained encoder end to end -> metrics/finetune.json.",
+    "register": "Log + register the encoder in MLflow; the promotion gate sets @champion or "
+                "@challenger -> metrics/register.json.",
 }
 
 
@@ -34,44 +37,75 @@ def _params_help(groups: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _params_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params", metavar="DIR",
                         help="directory holding <group>.yaml files (default: params)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="GROUP.KEY=VALUE", help="override one param (repeatable)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pilamim", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
     for stage, groups in STAGE_GROUPS.items():
-        p = sub.add_parser(stage, help=_DOC.get(stage, ""), description=_DOC.get(stage, ""),
-                           epilog=_params_help(groups),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        _common(p)
+        p = sub.add_parser(stage, help=_DOC[stage], description=_DOC[stage],
+                           epilog=_params_help(groups), formatter_class=raw)
+        _params_args(p)
+        p.add_argument("--no-track", action="store_true",
+                       help="do not record an MLflow run (default: record one)")
+    p = sub.add_parser("run", help="the whole DAG as the Prefect flow `pilamim-pipeline`",
+                       description="fetch -> prepare -> pretrain -> probe + finetune -> register, "
+                       "skipping stages DVC reports up to date.", epilog=_params_help(GROUPS),
+                       formatter_class=raw)
+    _params_args(p)
+    p.add_argument("--force", action="store_true", help="rerun stages even when up to date")
+    p = sub.add_parser("promote", help="point @champion at a registered version")
+    p.add_argument("name", help="registered model name (params/register.yaml: model_name)")
+    p.add_argument("version", help="version number")
+    p = sub.add_parser("models", help="list registered versions, aliases and metrics")
+    p.add_argument("name", nargs="?", help="registered model name (default: all)")
     return parser
 
 
-def run_stage(stage: str, params: Params) -> dict:
-    module = importlib.import_module(f"pilamim.stages.{stage}")
-    return module.run(params)
+def _dispatch(args: argparse.Namespace) -> dict | None:
+    if args.command == "promote":
+        from pilamim import registry
+
+        mv = registry.promote(args.name, args.version)
+        print(f"{args.name} version {mv.version} is now @champion")
+        return None
+    if args.command == "models":
+        from pilamim import registry
+
+        print(registry.format_models(registry.list_models(args.name)))
+        return None
+    params = load_params(args.params, args.overrides)
+    if args.command == "run":
+        from flows.pipeline import pilamim_pipeline
+
+        return pilamim_pipeline(params=params, params_dir=args.params, force=args.force)
+    from pilamim.stages.runner import execute
+
+    return execute(args.command, params, track=not args.no_track)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params, args.overrides)
-        result = run_stage(args.command, params)
+        result = _dispatch(args)
     except ParamsError as err:
         print(f"pilamim {args.command}: invalid params:\n{err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError, PermissionError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, PermissionError, LookupError) as err:
         if args.debug:
             raise
-        print(f"pilamim {args.command}: error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, LookupError) and err.args else err
+        print(f"pilamim {args.command}: error: {message}", file=sys.stderr)
         return 1
-    print(json.dumps(_brief(result), indent=2, sort_keys=True, default=str))
+    if result is not None:
+        print(json.dumps(_brief(result), indent=2, sort_keys=True, default=str))
     return 0
 
 

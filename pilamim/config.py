@@ -99,6 +99,7 @@ class PretrainParams(_Strict):
     data_dir: str = "data/prepared"
     out_dir: str = "models/pretrain"
     metrics_path: str = "metrics/pretrain.json"
+    plots_path: str = Field("plots/pretrain.csv", description="loss curve CSV (DVC plots)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1, description="per device, per micro-step")
     accum_steps: int = Field(1, ge=1)
@@ -151,6 +152,7 @@ class ProbeParams(_Strict):
     encoder_dir: str = "models/pretrain"
     out_dir: str = "models/probe"
     metrics_path: str = "metrics/probe.json"
+    plots_path: str = Field("plots/probe.csv", description="per-epoch curve CSV (DVC plots)")
     epochs: int = Field(100, ge=1)
     warmup_epochs: int = Field(10, ge=0)
     batch_size: int = Field(256, ge=1)
@@ -178,6 +180,7 @@ class FinetuneParams(_Strict):
     encoder_dir: str = "models/pretrain"
     out_dir: str = "models/finetune"
     metrics_path: str = "metrics/finetune.json"
+    plots_path: str = Field("plots/finetune.csv", description="per-epoch curve CSV (DVC plots)")
     epochs: int = Field(100, ge=1)
     warmup_epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=1)

@@ -24,15 +24,16 @@ _HEAD_KEYS = ("head.", "fc_norm.", "norm.")
 
 
 def export_encoder(encoder: nn.Module, model_name: str, kwargs: dict[str, Any],
-                   out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``encoder.safetensors`` and ``encoder.json`` atomically into ``out_dir``."""
+                   out_dir: str | Path, extra: dict[str, Any] | None = None,
+                   stem: str = "encoder") -> Path:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically into ``out_dir``."""
     out = Path(out_dir)
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in encoder.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp)))
     spec = {"model_name": model_name, "kwargs": kwargs, "feature_dim": encoder.embed_dim,
             "img_size": kwargs["img_size"], "in_chans": kwargs["in_chans"], **(extra or {})}
-    atomic_write_json(out / SPEC, spec)
+    atomic_write_json(out / f"{stem}.json", spec)
     return out
 
 

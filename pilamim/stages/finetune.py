@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from pilamim.callbacks import Logger, NullLogger
+from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
 from pilamim.device import resolve_device
 from pilamim.evaluate.finetune import finetune_transform, run_finetune
-from pilamim.evaluate.metrics import write_metrics_json
-from pilamim.model.export import read_spec
+from pilamim.evaluate.metrics import save_confusion_matrix_png, write_metrics_json
+from pilamim.model.export import export_encoder, read_spec
+
+CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
+
+
+def inputs(params: Params) -> dict[str, str]:
+    p = params.finetune
+    return {f"{p.data_dir}/manifest.csv": "prepare", f"{p.encoder_dir}/encoder.json": "pretrain"}
+
+
+def data_dir(params: Params) -> str | None:
+    return params.finetune.data_dir
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
@@ -21,15 +33,27 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     logger = logger or NullLogger()
     torch.manual_seed(p.seed)
     prepared = load_prepared(p.data_dir)
-    size = read_spec(p.encoder_dir)["img_size"]
+    spec = read_spec(p.encoder_dir)
 
     def dataset(split: str, train: bool) -> ManifestDataset:
-        tf = finetune_transform(size, prepared.mean, prepared.std, p, train=train)
+        tf = finetune_transform(spec["img_size"], prepared.mean, prepared.std, p, train=train)
         return ManifestDataset(prepared, split, tf)
 
     evals = {s: dataset(s, False) for s in ("val", "test") if prepared.split(s)}
-    metrics, _model = run_finetune(p.encoder_dir, dataset("train", True), evals,
-                                   prepared.classes, p, resolve_device(p.device), logger)
+    curve = CSVLogger(p.plots_path, CURVE_COLUMNS, step_name="epoch", prefix="finetune/")
+    metrics, model = run_finetune(p.encoder_dir, dataset("train", True), evals,
+                                  prepared.classes, p, resolve_device(p.device),
+                                  MultiLogger(curve, logger))
+    out = Path(p.out_dir)
+    kwargs = {**spec["kwargs"], "num_classes": len(prepared.classes), "global_pool": "avg"}
+    export_encoder(model, spec["model_name"], kwargs, out, stem="classifier",
+                   extra={"classes": prepared.classes, "mean": list(prepared.mean),
+                          "std": list(prepared.std)})
+    if "test" in metrics:
+        logger.log_artifact(save_confusion_matrix_png(
+            metrics["test"]["confusion_matrix"], prepared.classes, out / "confusion_matrix.png"))
     metrics["dataset_digest"] = prepared.digest
     write_metrics_json(p.metrics_path, metrics)
+    for path in (Path(p.metrics_path), Path(p.plots_path)):
+        logger.log_artifact(path)
     return metrics

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.prepare import prepare
+from pilamim.data.prepared import DATASET_FILE, MANIFEST_FILE
 
 
-def run(params: Params) -> dict[str, Any]:
+def inputs(params: Params) -> dict[str, str]:
+    return {}
+
+
+def data_dir(params: Params) -> str | None:
+    return params.data.out_dir
+
+
+def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
+    logger = logger or NullLogger()
     prepared = prepare(params.data)
+    out = Path(params.data.out_dir)
+    for name in (DATASET_FILE, MANIFEST_FILE):
+        logger.log_artifact(out / name)
     counts = {s: len(prepared.split(s)) for s in ("train", "val", "test")}
     return {"digest": prepared.digest, "classes": len(prepared.classes),
-            "channels": prepared.channels, **{f"{k}_images": v for k, v in counts.items()}}
+            "channels": prepared.channels, "skipped": len(prepared.skipped),
+            **{f"{k}_images": v for k, v in counts.items()}}

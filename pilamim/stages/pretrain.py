@@ -1,13 +1,43 @@
-"""Stage ``pretrain``: PiLaMIM pretraining, resumable; exports the encoder."""
+"""Stage ``pretrain``: PiLaMIM pretraining, resumable; exports the encoder; loss curve CSV."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from pilamim.callbacks import Logger
+import torch
+
+from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.train import pretrain
+from pilamim.train.checkpoint import CHECKPOINT
+
+CURVE_COLUMNS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "lr", "feature_std")
+
+
+def inputs(params: Params) -> dict[str, str]:
+    return {f"{params.pretrain.data_dir}/manifest.csv": "prepare"}
+
+
+def data_dir(params: Params) -> str | None:
+    return params.pretrain.data_dir
+
+
+def _resume_step(out_dir: Path) -> int | None:
+    ckpt = out_dir / CHECKPOINT
+    if not ckpt.exists():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
-    return pretrain(params, logger)
+    p = params.pretrain
+    out = Path(p.out_dir)
+    curve = CSVLogger(p.plots_path, CURVE_COLUMNS, prefix="pretrain/",
+                      resume_from_step=_resume_step(out))
+    summary = pretrain(params, MultiLogger(curve, logger or NullLogger()))
+    if logger is not None:
+        for path in (Path(p.plots_path), out / "encoder.json", Path(p.metrics_path)):
+            if path.exists():
+                logger.log_artifact(path)
+    return summary

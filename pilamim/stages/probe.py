@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pilamim.callbacks import Logger, NullLogger
+from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
@@ -16,6 +16,17 @@ from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
 from pilamim.evaluate.metrics import save_confusion_matrix_png, write_metrics_json
 from pilamim.model.export import load_encoder, read_spec
+
+CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
+
+
+def inputs(params: Params) -> dict[str, str]:
+    p = params.probe
+    return {f"{p.data_dir}/manifest.csv": "prepare", f"{p.encoder_dir}/encoder.json": "pretrain"}
+
+
+def data_dir(params: Params) -> str | None:
+    return params.probe.data_dir
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
@@ -33,13 +44,16 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     out = Path(p.out_dir)
     # kNN needs un-augmented training features as its memory bank.
     knn_bank = ManifestDataset(prepared, "train", plain) if p.augment else None
+    curve = CSVLogger(p.plots_path, CURVE_COLUMNS, step_name="epoch", prefix="probe/")
     metrics = run_linear_probe(encoder, train, evals, prepared.classes, p,
-                               resolve_device(p.device), logger, knn_train_ds=knn_bank,
-                               head_path=out / "head.pt")
+                               resolve_device(p.device), MultiLogger(curve, logger),
+                               knn_train_ds=knn_bank, head_path=out / "head.pt")
     if "test" in metrics:
         png = save_confusion_matrix_png(metrics["test"]["confusion_matrix"], prepared.classes,
                                         out / "confusion_matrix.png")
         logger.log_artifact(png)
     metrics["dataset_digest"] = prepared.digest
     write_metrics_json(p.metrics_path, metrics)
+    for path in (Path(p.metrics_path), Path(p.plots_path)):
+        logger.log_artifact(path)
     return metrics

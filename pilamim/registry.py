@@ -1,0 +1,428 @@
+"""Register the pretrained encoder in the MLflow Model Registry and gate its promotion.
+
+The register step (:func:`register`) reads the stage outputs from files, logs the encoder as
+two MLflow models in the ``register`` run, registers one version and decides its alias:
+
+* ``encoder`` — PyTorch flavour (pickle format, so any batch size loads), the one registered
+  under ``params/register.yaml: model_name``. ``mlflow.pytorch.load_model(uri)`` gives the
+  ``nn.Module``; ``mlflow.pyfunc.load_model(uri).predict(x)`` takes normalised ``float32``
+  ``(N, C, H, W)`` and returns ``(N, D)`` embeddings. The MLmodel metadata carries
+  ``encoder.json`` (mean/std to normalise with).
+* ``embedder`` — pyfunc (:mod:`pilamim.embedding_model`) taking raw ``uint8`` ``(N, H, W, C)``
+  images; its URI is in the version tag ``embedder_uri``.
+
+The promotion gate (:func:`decide_promotion`) is a pure function: a version becomes
+``@champion`` when its gate metric clears ``floor`` and beats the current champion by at least
+``min_improvement``; otherwise ``@challenger``. Decision and reason go to the version's tags and
+to ``metrics/register.json``. :func:`promote` and :func:`list_models` serve humans
+(``pilamim promote NAME VERSION``, ``pilamim models``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+from pilamim import tracking
+from pilamim.config import Params, RegisterParams
+from pilamim.embedding_model import load_timm_encoder
+from pilamim.io import atomic_write_json
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+# Gate/lineage metric name -> (metrics file, key in it, stage that writes the file).
+METRIC_SOURCES: dict[str, tuple[str, str, str]] = {
+    "probe_top1": ("probe_metrics", "top1", "probe"),
+    "probe_top5": ("probe_metrics", "top5", "probe"),
+    "knn_top1": ("probe_metrics", "knn_top1", "probe"),
+    "knn_top5": ("probe_metrics", "knn_top5", "probe"),
+    "finetune_top1": ("finetune_metrics", "top1", "finetune"),
+    "finetune_top5": ("finetune_metrics", "top5", "finetune"),
+}
+METRIC_TAG_PREFIX = "metric."
+
+# Packages the logged models need at load time (pinned to what logged them).
+REQUIRED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "safetensors", "cloudpickle")
+
+
+class RegistryError(LookupError):
+    """A registry lookup a user asked for failed; the message lists what exists."""
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["champion", "challenger"]
+    reason: str
+    gate_metric: str
+    value: float
+    champion_value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_promotion(new_metrics: Mapping[str, float],
+                     champion_metrics: Mapping[str, float] | None,
+                     gate_metric: str = "probe_top1", min_improvement: float = 0.0,
+                     floor: float = 0.0) -> Decision:
+    """Champion or challenger for a new version; pure, so every branch is a unit test.
+
+    * below ``floor`` -> challenger, whatever the champion;
+    * no champion yet -> champion;
+    * champion lacks the gate metric (gate changed) -> champion, said in the reason;
+    * ``new - champion > 0`` and ``>= min_improvement`` -> champion; else challenger.
+    """
+    if gate_metric not in new_metrics:
+        raise ValueError(f"gate metric {gate_metric!r} missing from the new version's metrics "
+                         f"{sorted(new_metrics)}")
+    value = float(new_metrics[gate_metric])
+    best = None
+    if champion_metrics is not None and gate_metric in champion_metrics:
+        best = float(champion_metrics[gate_metric])
+    if not math.isfinite(value):
+        return Decision(CHALLENGER, f"{gate_metric}={value} is not a finite number",
+                        gate_metric, value, best)
+    if value < floor:
+        return Decision(CHALLENGER, f"{gate_metric}={value:.4f} is below the floor {floor:.4f}",
+                        gate_metric, value, best)
+    if champion_metrics is None:
+        return Decision(CHAMPION, f"first version to clear the floor ({gate_metric}="
+                        f"{value:.4f} >= {floor:.4f}); no champion yet", gate_metric, value)
+    if best is None:
+        return Decision(CHAMPION, f"current champion has no {gate_metric} to compare; "
+                        f"{gate_metric}={value:.4f} clears the floor {floor:.4f}",
+                        gate_metric, value)
+    gain = value - best
+    if gain > 0 and gain >= min_improvement - 1e-12:
+        return Decision(CHAMPION, f"{gate_metric}={value:.4f} beats champion {best:.4f} by "
+                        f"{gain:+.4f} (required >= {min_improvement:.4f})",
+                        gate_metric, value, best)
+    return Decision(CHALLENGER, f"{gate_metric}={value:.4f} vs champion {best:.4f}: change "
+                    f"{gain:+.4f} does not reach the required improvement "
+                    f"{'> 0' if min_improvement == 0 else f'>= {min_improvement:.4f}'}",
+                    gate_metric, value, best)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_eval_metrics(rp: RegisterParams) -> dict[str, float]:
+    """The metrics of :data:`METRIC_SOURCES` found in the probe/finetune JSON files.
+
+    The file holding the gate metric must exist ("run `pilamim probe` first"); other files
+    are optional (a metric that is absent is just not recorded). Values must be fractions.
+    """
+    gate_file, gate_key, gate_stage = METRIC_SOURCES[rp.gate_metric]
+    gate_path = Path(getattr(rp, gate_file))
+    if not gate_path.exists():
+        raise FileNotFoundError(
+            f"gate metric {rp.gate_metric!r} is read from {gate_path}, which does not exist — "
+            f"run `pilamim {gate_stage}` first"
+        )
+    loaded: dict[str, dict] = {}
+    for attr in {src[0] for src in METRIC_SOURCES.values()}:
+        path = Path(getattr(rp, attr))
+        if path.exists():
+            loaded[attr] = json.loads(path.read_text())
+    metrics = {}
+    for name, (attr, key, _) in METRIC_SOURCES.items():
+        value = loaded.get(attr, {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[name] = float(value)
+    if rp.gate_metric not in metrics:
+        raise ValueError(f"{gate_path} has no numeric {gate_key!r} (gate metric "
+                         f"{rp.gate_metric}); rerun `pilamim {gate_stage}`")
+    if not 0.0 <= metrics[rp.gate_metric] <= 1.0:
+        raise ValueError(f"{gate_path}: {gate_key}={metrics[rp.gate_metric]} is not a fraction "
+                         f"in [0, 1]; floor/min_improvement in params/register.yaml assume one")
+    return metrics
+
+
+def read_encoder_config(encoder_dir: str | Path) -> dict[str, Any]:
+    """``encoder.json`` of an exported encoder; missing -> "run `pilamim pretrain` first"."""
+    folder = Path(encoder_dir)
+    weights, config = folder / "encoder.safetensors", folder / "encoder.json"
+    if not weights.exists() or not config.exists():
+        raise FileNotFoundError(f"{folder} has no encoder.safetensors + encoder.json — "
+                                f"run `pilamim pretrain` first")
+    return json.loads(config.read_text())
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of :data:`REQUIRED_PACKAGES` as installed (local tags like +cu128 cut)."""
+    reqs = []
+    for name in REQUIRED_PACKAGES:
+        try:
+            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+@dataclass(frozen=True)
+class LoggedEncoder:
+    model_uri: str            # PyTorch flavour, registered
+    embedder_uri: str         # pyfunc over raw uint8 images
+    feature_dim: int
+    input_shape: tuple[int, int, int]   # C, H, W
+
+
+def log_encoder_model(encoder_dir: str | Path, *, name: str = "encoder",
+                      embedder_name: str = "embedder") -> LoggedEncoder:
+    """Log the exported encoder into the active run as the two models of the module docstring.
+
+    Signatures and input examples are numpy; the input example has batch 2 and the batch
+    dimension is -1, so any batch size loads and predicts.
+    """
+    folder = Path(encoder_dir)
+    cfg = read_encoder_config(folder)
+    chans, size, dim = int(cfg["in_chans"]), int(cfg["img_size"]), int(cfg["feature_dim"])
+    encoder = load_timm_encoder(folder / "encoder.safetensors", cfg)
+    reqs = pip_requirements()
+    out_schema = Schema([TensorSpec(np.dtype(np.float32), (-1, dim))])
+
+    torch_sig = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, chans, size, size))]),
+        outputs=out_schema)
+    torch_info = mlflow.pytorch.log_model(
+        encoder, name=name, serialization_format="pickle", signature=torch_sig,
+        input_example=np.zeros((2, chans, size, size), np.float32), pip_requirements=reqs,
+        metadata={"pilamim_encoder": cfg},
+    )
+    embed_sig = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, chans))]),
+        outputs=out_schema)
+    embed_info = mlflow.pyfunc.log_model(
+        name=embedder_name,
+        python_model=str(Path(__file__).with_name("embedding_model.py")),
+        artifacts={"encoder_weights": str(folder / "encoder.safetensors"),
+                   "encoder_config": str(folder / "encoder.json")},
+        signature=embed_sig, input_example=np.zeros((2, size, size, chans), np.uint8),
+        pip_requirements=reqs, metadata={"pilamim_encoder": cfg},
+    )
+    return LoggedEncoder(torch_info.model_uri, embed_info.model_uri, dim, (chans, size, size))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def registry_client() -> MlflowClient:
+    """A client on the resolved tracking URI, for read/alias operations by humans.
+
+    Fails fast if an http server is down, and refuses to create an empty local store: a
+    missing ``mlflow.db`` means nothing was registered yet.
+    """
+    uri = tracking.resolve_tracking_uri()
+    tracking.check_tracking_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise RegistryError(f"no MLflow store at {uri} — run `pilamim register` (or the "
+                            f"pipeline) first, or set MLFLOW_TRACKING_URI")
+    return MlflowClient(tracking_uri=uri)
+
+
+def register_version(name: str, model_uri: str, tags: Mapping[str, Any]):
+    """Create version N+1 of ``name`` (creating the model the first time) with ``tags``."""
+    return mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+
+
+def _is_missing(err: MlflowException) -> bool:
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def version_metrics(version) -> dict[str, float]:
+    """The ``metric.<name>`` tags of a model version as floats."""
+    out = {}
+    for key, value in (version.tags or {}).items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                out[key[len(METRIC_TAG_PREFIX):]] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def get_alias(client: MlflowClient, name: str, alias: str = CHAMPION):
+    """The version holding ``alias``, or None (no such alias or model yet)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if _is_missing(err):
+            return None
+        raise
+
+
+def apply_decision(client: MlflowClient, name: str, version: str | int,
+                   decision: Decision) -> None:
+    """Point alias ``decision.action`` at ``version``; record decision + reason as its tags."""
+    version = str(version)
+    client.set_registered_model_alias(name, decision.action, version)
+    client.set_model_version_tag(name, version, "decision", decision.action)
+    client.set_model_version_tag(name, version, "decision_reason", decision.reason)
+    client.set_model_version_tag(name, version, "gate_metric", decision.gate_metric)
+
+
+def _existing_versions(client: MlflowClient, name: str) -> list[str]:
+    versions = client.search_model_versions(f"name = '{name}'")
+    return sorted((str(v.version) for v in versions), key=int)
+
+
+def promote(name: str, version: str | int, client: MlflowClient | None = None,
+            reason: str = "promoted by hand (`pilamim promote`)"):
+    """Make ``version`` of ``name`` the ``@champion`` regardless of the gate.
+
+    Raises :class:`RegistryError` naming the versions (or models) that exist when the asked
+    one does not.
+    """
+    client = client or registry_client()
+    version = str(version).strip()
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if not _is_missing(err):
+            raise
+        names = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(f"no registered model {name!r}; registered models: "
+                            f"{', '.join(names) or '(none)'}") from None
+    existing = _existing_versions(client, name)
+    if version not in existing:
+        raise RegistryError(f"model {name!r} has no version {version!r}; existing versions: "
+                            f"{', '.join(existing) or '(none)'}")
+    before = get_alias(client, name, CHAMPION)
+    was = f" (champion was version {before.version})" if before is not None else ""
+    current = client.get_model_version(name, version)
+    gate = (current.tags or {}).get("gate_metric", "probe_top1")
+    value = version_metrics(current).get(gate, float("nan"))
+    apply_decision(client, name, version, Decision(CHAMPION, reason + was, gate, value))
+    return client.get_model_version(name, version)
+
+
+def list_models(name: str | None = None,
+                client: MlflowClient | None = None) -> list[dict[str, Any]]:
+    """One row per version: name, version, aliases, decision, metrics, run id, created.
+
+    ``name`` None lists every registered model. Rows are sorted by name, then version.
+    """
+    client = client or registry_client()
+    if name is None:
+        names = sorted(m.name for m in client.search_registered_models())
+    else:
+        try:
+            client.get_registered_model(name)
+        except MlflowException as err:
+            if not _is_missing(err):
+                raise
+            names = sorted(m.name for m in client.search_registered_models())
+            raise RegistryError(f"no registered model {name!r}; registered models: "
+                                f"{', '.join(names) or '(none)'}") from None
+        names = [name]
+    rows = []
+    for model_name in names:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (client.get_registered_model(model_name).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in client.search_model_versions(f"name = '{model_name}'"):
+            tags = v.tags or {}
+            rows.append({
+                "name": model_name, "version": str(v.version),
+                "aliases": sorted(aliases.get(str(v.version), [])),
+                "decision": tags.get("decision"), "reason": tags.get("decision_reason"),
+                "metrics": version_metrics(v), "run_id": v.run_id,
+                "created": v.creation_timestamp, "data_digest": tags.get("data_digest"),
+                "git_commit": tags.get("git_commit"),
+            })
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def format_models(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`list_models` rows (for ``pilamim models``)."""
+    if not rows:
+        return "no registered model versions"
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    header = ["name", "version", "aliases", *keys, "decision"]
+    table = [header] + [
+        [r["name"], str(r["version"]), ",".join(r["aliases"]) or "-",
+         *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in keys),
+         r["decision"] or "-"] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in table)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def register(params: Params) -> dict[str, Any]:
+    """The whole register step from files; returns (and writes) the decision record.
+
+    Inputs are checked before MLflow is touched, so a missing file fails with what to run
+    first and leaves no run behind. Logs into the active MLflow run if a stage wrapper opened
+    one, else opens the ``register`` stage run itself.
+    """
+    rp = params.register
+    metrics = read_eval_metrics(rp)
+    read_encoder_config(rp.encoder_dir)
+    digest = tracking.read_data_digest(rp.data_dir)
+    if mlflow.active_run() is not None:
+        active = mlflow.active_run()
+        tags = active.data.tags
+        return _register_in_run(params, metrics, digest, active.info.run_id,
+                                tags.get(tracking.TAG_PIPELINE_ID, ""))
+    with tracking.stage_run("register", params, dataset_digest=digest) as run:
+        return _register_in_run(params, metrics, digest, run.run_id, run.pipeline_id)
+
+
+def _register_in_run(params: Params, metrics: dict[str, float], digest: str | None,
+                     run_id: str, pipeline_id: str) -> dict[str, Any]:
+    rp = params.register
+    client = MlflowClient()
+    if digest is not None:
+        tracking.log_dataset_input(rp.data_dir, context="registration")
+    mlflow.log_metrics(metrics)
+    logged = log_encoder_model(rp.encoder_dir)
+    commit, dirty = tracking.git_info()
+    tags = {
+        "data_digest": digest or "unknown", "git_commit": commit, "git_dirty": str(dirty).lower(),
+        "params_hash": tracking.params_hash(params), "pipeline_id": pipeline_id,
+        "embedder_uri": logged.embedder_uri,
+        **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
+    champion = get_alias(client, rp.model_name, CHAMPION)
+    version = register_version(rp.model_name, logged.model_uri, tags)
+    decision = decide_promotion(metrics, version_metrics(champion) if champion else None,
+                                rp.gate_metric, rp.min_improvement, rp.floor)
+    apply_decision(client, rp.model_name, version.version, decision)
+    record = {
+        "model_name": rp.model_name, "version": int(version.version),
+        "model_uri": f"models:/{rp.model_name}/{version.version}",
+        "logged_model_uri": logged.model_uri, "embedder_uri": logged.embedder_uri,
+        "action": decision.action, "reason": decision.reason,
+        "gate_metric": decision.gate_metric, "gate_value": decision.value,
+        "champion_value_before": decision.champion_value,
+        "champion_version_before": int(champion.version) if champion else None,
+        "metrics": metrics, "run_id": run_id, "pipeline_id": pipeline_id,
+        "data_digest": digest,
+    }
+    out = atomic_write_json(rp.metrics_path, record)
+    mlflow.set_tags({"pilamim.decision": decision.action,
+                     "pilamim.registered_version": version.version})
+    mlflow.log_artifact(str(out), "metrics")
+    return record

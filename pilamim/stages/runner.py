@@ -1,0 +1,63 @@
+"""Run one stage: check its inputs, open its MLflow run, call it, record what it produced.
+
+This is the single entrance the CLI (hence DVC) and the Prefect flow share, so a stage
+behaves and is tracked the same way whoever starts it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pilamim.config import Params
+from pilamim.stages import STAGE_GROUPS, STAGES
+
+
+class MissingInputError(FileNotFoundError):
+    """A stage was started before the stage that makes its inputs."""
+
+
+def stage_module(stage: str) -> ModuleType:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    return importlib.import_module(f"pilamim.stages.{stage}")
+
+
+def check_inputs(stage: str, params: Params) -> None:
+    for path, maker in stage_module(stage).inputs(params).items():
+        if not Path(path).exists():
+            raise MissingInputError(f"`pilamim {stage}` needs {path}, which does not exist: "
+                                    f"run `pilamim {maker}` first")
+
+
+def scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numeric top-level values of a stage result, as MLflow metrics."""
+    return {f"{prefix}/{k}": float(v) for k, v in result.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def execute(stage: str, params: Params, *, track: bool = True) -> dict[str, Any]:
+    """Run ``stage``; with ``track`` (the default) inside its own MLflow run."""
+    module = stage_module(stage)
+    check_inputs(stage, params)
+    if not track:
+        return module.run(params, None)
+
+    from pilamim import tracking  # MLflow is a heavy import: only when tracking
+
+    data_dir = module.data_dir(params)
+    # prepare makes the data set: the digest on disk before it runs is the old one
+    digest = tracking.read_data_digest(data_dir) if data_dir and stage != "prepare" else None
+    with tracking.stage_run(stage, params, groups=STAGE_GROUPS[stage],
+                            dataset_digest=digest) as run:
+        if digest:
+            tracking.log_dataset_input(data_dir)
+        result = module.run(params, run.logger)
+        if stage == "prepare":  # its output is the data set: record it as this run's input
+            run.set_tags({tracking.TAG_DATA_DIGEST: result["digest"]})
+            tracking.log_dataset_input(data_dir, context="prepare")
+        run.log_metrics(scalars(result, stage))
+    result["mlflow_run_id"] = run.run_id
+    return result

@@ -1,0 +1,114 @@
+"""Fixtures for the MLflow tests: a private SQLite store per test and a tiny exported encoder.
+
+Every test runs in its own temporary folder with ``MLFLOW_TRACKING_URI`` pointing at a SQLite
+file there, so nothing touches the repository's ``mlflow.db`` and tests never see each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import mlflow
+import pytest
+import timm
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from pilamim.config import Params
+
+TINY_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                   class_token=True, no_embed_class=True, qkv_bias=False, num_classes=0,
+                   global_pool="token")
+FEATURE_DIM = 32
+
+
+def export_tiny_encoder(out_dir: Path, seed: int = 0) -> dict:
+    """Write encoder.safetensors + encoder.json the way the pretrain stage does."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KWARGS).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(out_dir / "encoder.safetensors"))
+    config = {"model_name": "vit_tiny_patch16_224", "kwargs": TINY_KWARGS,
+              "feature_dim": FEATURE_DIM, "mean": [0.286], "std": [0.353], "img_size": 16,
+              "in_chans": 1}
+    (out_dir / "encoder.json").write_text(json.dumps(config))
+    return config
+
+
+def write_prepared(out_dir: Path, n: int = 12) -> str:
+    """A minimal manifest.csv + dataset.json (the prepare stage's output contract)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["path,label,split,sha256"]
+    for i in range(n):
+        split = "train" if i < n - 4 else ("val" if i < n - 2 else "test")
+        label = ["shirt", "shoe"][i % 2]
+        rows.append(f"{label}/{i}.png,{label},{split},{hashlib.sha256(bytes([i])).hexdigest()}")
+    manifest = "\n".join(rows) + "\n"
+    (out_dir / "manifest.csv").write_text(manifest)
+    digest = hashlib.sha256(manifest.encode()).hexdigest()
+    (out_dir / "dataset.json").write_text(json.dumps({
+        "root": str(out_dir.parent / "raw"), "classes": ["shirt", "shoe"], "channels": 1,
+        "mean": [0.286], "std": [0.353], "counts": {}, "skipped": 0, "digest": digest}))
+    return digest
+
+
+def write_metrics(path: Path, **values: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its schema created once (migrations take seconds)."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch, empty_store) -> str:
+    """cd into tmp_path; MLflow writes only to tmp_path/mlflow.db (+ tmp_path/mlartifacts).
+
+    The store is a copy of :func:`empty_store`, so each test has a private, real store.
+    """
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PILAMIM_EXPERIMENT", "pilamim-test")
+    for name in ("PILAMIM_PIPELINE_ID", "PILAMIM_PARENT_RUN_ID", "MLFLOW_RUN_ID",
+                 "PREFECT__FLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(name, raising=False)
+    # System metrics every 0.5 s instead of 10 s, so short test runs still record some.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def encoder_dir(tmp_path) -> Path:
+    export_tiny_encoder(tmp_path / "models" / "pretrain")
+    return tmp_path / "models" / "pretrain"
+
+
+@pytest.fixture
+def params() -> Params:
+    """Default params; their relative paths resolve inside tmp_path (the cwd)."""
+    return Params()

@@ -1,0 +1,106 @@
+"""Registration through a real `mlflow server` (loopback, free port); load in a new process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from pilamim import registry, tracking
+
+from .conftest import FEATURE_DIM, free_port, write_metrics, write_prepared
+
+LOAD_SCRIPT = """
+import sys, mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(np.zeros((3, 1, 16, 16), np.float32))
+print("SHAPE", out.shape[0], out.shape[1])
+"""
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, empty_store):
+    """`mlflow server` on 127.0.0.1:<free port>, stopped (its whole process group) afterwards."""
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(empty_store, db)
+    port = free_port()
+    log = open(tmp_path / "server" / "log.txt", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
+         "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail("mlflow server did not start:\n"
+                            + (tmp_path / "server" / "log.txt").read_text()[-3000:])
+            time.sleep(0.5)
+        yield uri, lambda: _stop(proc)
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (uvicorn workers included), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_register_through_server_and_load_champion_in_fresh_process(
+        tmp_path, params, encoder_dir, mlflow_server, monkeypatch):
+    url, stop_server = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    tracking.check_tracking_reachable(url)
+    write_prepared(tmp_path / "data" / "prepared")
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5, top5=0.9)
+    record = registry.register(params)
+    assert record["action"] == "champion"
+    # Artifacts went through the server's proxy, not into the working folder.
+    assert not (tmp_path / "mlartifacts").exists()
+    assert any(Path(tmp_path / "server" / "artifacts").rglob("MLmodel"))
+
+    uri = f"models:/{params.register.model_name}@champion"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, uri], capture_output=True,
+                          text=True, timeout=240, env=env, cwd=tmp_path / "server")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"SHAPE 3 {FEATURE_DIM}" in done.stdout
+    assert json.loads((tmp_path / "metrics" / "register.json").read_text())["version"] == 1
+
+    # The server dying mid-stage ends the stage with one clear error, in bounded time.
+    with pytest.raises(tracking.TrackingUnavailable, match="output files are saved"):
+        with tracking.stage_run("probe", params, log_system_metrics=False) as run:
+            run.logger.log_metrics({"loss": 1.0}, step=0)
+            stop_server()
+            start = time.monotonic()
+            run.logger.log_metrics({"loss": 0.5}, step=1)
+    assert time.monotonic() - start < 60
