@@ -6,14 +6,14 @@ reconstruction figures and ``metrics/pretrain.json``.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -22,54 +22,22 @@ from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
 from pilamim.data.transforms import eval_transform, pretrain_transform
-from pilamim.device import autocast, autocast_dtype, resolve_device
+from pilamim.device import resolve_device
 from pilamim.io import atomic_write_json
-from pilamim.model import PiLaMIM, build_pilamim
+from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
-from pilamim.schedules import cosine_with_warmup, linear
 from pilamim.train.checkpoint import CHECKPOINT, check_compatible, load_checkpoint, save_checkpoint
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
-from pilamim.train.optim import build_adamw
 from pilamim.train.sampler import EpochSampler
-
-LOSS_TERMS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "feature_std")
+from pilamim.train.step import LOSS_TERMS, Plan, TrainStep, build_training
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left as it was."""
 
 
-class _Plan:
-    """Batch sizes and step counts derived once from params, data size and world size."""
-
-    def __init__(self, params: Params, train_size: int, world: int) -> None:
-        p = params.pretrain
-        self.micro_batch = p.batch_size
-        self.global_batch = p.batch_size * p.accum_steps * world
-        self.steps_per_epoch = train_size // (p.batch_size * world) // p.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the train split has {train_size} images, fewer than one global batch of "
-                f"{self.global_batch} (batch_size {p.batch_size} x accum_steps {p.accum_steps} x "
-                f"{world} processes); lower pretrain.batch_size or use more data")
-        self.total_steps = p.epochs * self.steps_per_epoch
-        self.warmup_steps = round(p.warmup_epochs * self.steps_per_epoch)
-        self.peak_lr = p.lr if p.lr is not None else p.base_lr * self.global_batch / 256
-
-    def lr(self, params: Params, step: int) -> float:
-        p = params.pretrain
-        if p.schedule_unit == "epoch":  # official code: one value per epoch
-            step = (step // self.steps_per_epoch) * self.steps_per_epoch
-        return cosine_with_warmup(step, self.total_steps, self.warmup_steps, self.peak_lr,
-                                  p.min_lr)
-
-    def momentum(self, params: Params, step: int) -> float:
-        start, end = params.pretrain.ema_momentum
-        return linear(step, self.total_steps, start, end)
-
-
-def _meta(params: Params, in_chans: int, plan: _Plan) -> dict[str, Any]:
+def _meta(params: Params, in_chans: int, plan: Plan) -> dict[str, Any]:
     return {"model": params.model.model_dump(mode="json"), "in_chans": in_chans,
             "global_batch": plan.global_batch, "pretrain": params.pretrain.model_dump(mode="json")}
 
@@ -113,16 +81,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     prepared = load_prepared(p.data_dir)
     train_set = ManifestDataset(prepared, "train", pretrain_transform(
         params.model.img_size, prepared.mean, prepared.std, p.crop_scale, p.hflip))
-    plan = _Plan(params, len(train_set), info.world)
-
-    torch.manual_seed(p.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    model = build_pilamim(params.model, prepared.channels).to(device)
-    optimizer = build_adamw(model, plan.peak_lr, p.weight_decay, p.betas, p.decay_all_params,
-                            device)
-    # One generator, same seed on every rank: each rank takes its rows of the global draw, so
-    # ranks get different masks and a DDP run equals a single-process run of the same batch.
-    mask_gen = torch.Generator(device=device).manual_seed(p.seed)
-
+    model, optimizer, plan, mask_gen = build_training(params, prepared.channels, len(train_set),
+                                                      info, device)
     out_dir = Path(p.out_dir)
     ckpt_path = out_dir / CHECKPOINT
     meta = _meta(params, prepared.channels, plan)
@@ -138,9 +98,7 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
         if info.is_main and step:
             print(f"resuming from {ckpt_path} at step {step}/{plan.total_steps}")
 
-    net = DistributedDataParallel(model) if info.enabled else model
-    forward = torch.compile(net) if p.compile else net
-    amp = autocast_dtype(device, p.precision)
+    train_step = TrainStep(model, optimizer, plan, mask_gen, info, device)
     sampler = EpochSampler(len(train_set), info.world, info.rank, p.seed)
     figure_batch = (_fixed_figure_batch(prepared, params, device)
                     if info.is_main and model.pixel_decoder is not None
@@ -158,7 +116,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     t_log, images_since = time.perf_counter(), 0
     t_start = time.perf_counter()
     progress = tqdm(total=plan.total_steps, initial=step, disable=not info.is_main,
-                    desc="pretrain", unit="step", dynamic_ncols=True)
+                    desc="pretrain", unit="step", dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay readable
 
     for epoch in range(step // plan.steps_per_epoch, p.epochs):
         done_in_epoch = step - epoch * plan.steps_per_epoch
@@ -167,36 +126,16 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
                             num_workers=p.num_workers, pin_memory=device.type == "cuda",
                             persistent_workers=False)
         batches = iter(loader)
-        net.train()
+        model.train()
         for _ in range(done_in_epoch, plan.steps_per_epoch):
-            lr = plan.lr(params, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(p.accum_steps):
-                images, _labels = next(batches)
-                images = images.to(device, non_blocking=True)
-                noise = torch.rand(p.batch_size * info.world, model.num_patches,
-                                   generator=mask_gen, device=device)[info.rank::info.world]
-                sync = micro == p.accum_steps - 1 or not info.enabled
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, amp):
-                    out = forward(images, noise)
-                (out.loss / p.accum_steps).backward()
-                for k in LOSS_TERMS:
-                    v = getattr(out, k)
-                    if v is not None:
-                        sums[k] += v.detach().float()
-                        epoch_sums[k] += v.detach().float()
-                counted += 1
-                epoch_counted += 1
-            grad_norm = None
-            if p.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            elif (step + 1) % p.log_every_steps == 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            momentum = plan.momentum(params, step)
-            model.update_target(momentum)
+            micro = (images.to(device, non_blocking=True)
+                     for images, _labels in itertools.islice(batches, p.accum_steps))
+            result = train_step(micro, step, want_grad_norm=(step + 1) % p.log_every_steps == 0)
+            for k, v in result.losses.items():
+                sums[k] += v
+                epoch_sums[k] += v
+            counted += p.accum_steps
+            epoch_counted += p.accum_steps
             step += 1
             images_since += plan.global_batch
             progress.update(1)
@@ -210,10 +149,10 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
                 elapsed = time.perf_counter() - t_log
                 metrics = {k: (sums[k] / counted).item() for k in LOSS_TERMS
                            if k == "loss" or sums[k].item() != 0.0}
-                metrics.update(lr=lr, ema_momentum=momentum, epoch=epoch,
+                metrics.update(lr=result.lr, ema_momentum=result.momentum, epoch=epoch,
                                images_per_s=images_since / max(elapsed, 1e-9))
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
+                if result.grad_norm is not None:
+                    metrics["grad_norm"] = float(result.grad_norm)
                 if info.is_main:
                     logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, step)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}",
