@@ -31,7 +31,7 @@ from pilamim.data.prepared import (
     PreparedDataset,
     load_prepared,
 )
-from pilamim.data.sources import check_image_root, materialize
+from pilamim.data.sources import check_image_root, image_root, materialize
 from pilamim.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,17 @@ class _Checked:
     squares: tuple[float, float, float]
 
 
-def prepare(params: DataParams) -> PreparedDataset:
-    """Materialise the source, validate and split its images, write manifest + dataset.json.
+def prepare(params: DataParams, fetch: bool = True) -> PreparedDataset:
+    """Validate and split the source's images, write manifest + dataset.json.
 
     Every non-hidden file below a class folder is a candidate; files PIL cannot fully decode
-    are listed in ``skipped`` (or fail the run with ``bad_images: fail``).
+    are listed in ``skipped`` (or fail the run with ``bad_images: fail``). With ``fetch`` the
+    source is materialised first; the ``prepare`` stage passes False and reads what the
+    ``fetch`` stage left under ``raw_dir`` (DVC versions that separately).
     """
-    root = materialize(params)
+    root = materialize(params) if fetch else image_root(params)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist: run `pilamim fetch` first")
     classes = check_image_root(root, params.source)
     out_dir = Path(params.out_dir).expanduser().absolute()
 

@@ -7,7 +7,7 @@ images came from:
   files) written as PNGs into ``<raw_dir>/fashion-mnist`` (``<raw_dir>/fashion-mnist-full``).
   The folder is filled in a hidden temp folder and renamed into place with a marker file, so a
   killed run never leaves a half folder that looks complete; a second call is a no-op.
-- a local folder: validated and used in place.
+- a local folder: validated and mirrored by hard links into ``<raw_dir>/local/<name>``.
 - ``s3://bucket/prefix``: mirrored into ``<raw_dir>/s3/<bucket>/<prefix>`` with boto3, which
   takes endpoint and credentials from the usual AWS settings (``AWS_ENDPOINT_URL``,
   ``AWS_ACCESS_KEY_ID`` ...). Unchanged objects (same ETag and size) are not downloaded again.
@@ -45,8 +45,24 @@ S3_STATE = ".pilamim-s3-state.json"
 PNG_WRITER_THREADS = 4
 
 
+def image_root(params: DataParams) -> Path:
+    """Where ``materialize`` puts the images of ``params.source``, under ``raw_dir``.
+
+    Every source lands under ``raw_dir`` (a local folder is mirrored there by hard links), so
+    the ``fetch`` stage's one DVC output versions exactly the images that were used.
+    """
+    source = params.source.strip()
+    raw_dir = Path(params.raw_dir).expanduser().absolute()
+    if source == "embedded":
+        return raw_dir / (EMBEDDED_FULL_DIR if params.embedded_idx_dir else EMBEDDED_DIR)
+    if source.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(source)
+        return raw_dir / "s3" / bucket / prefix if prefix else raw_dir / "s3" / bucket
+    return raw_dir / "local" / Path(source).expanduser().absolute().name
+
+
 def materialize(params: DataParams) -> Path:
-    """Return the absolute image root folder for ``params.source``, creating it if needed."""
+    """Fetch ``params.source`` into :func:`image_root` (idempotent); return that folder."""
     source = params.source.strip()
     raw_dir = Path(params.raw_dir).expanduser().absolute()
     if source == "embedded":
@@ -55,11 +71,42 @@ def materialize(params: DataParams) -> Path:
         else:
             root = _materialize_subset(SUBSET_PATH, raw_dir)
     elif source.startswith("s3://"):
-        root = _materialize_s3(source, raw_dir)
+        root = _materialize_s3(source, image_root(params))
     else:
-        root = Path(source).expanduser().absolute()
+        folder = Path(source).expanduser().absolute()
+        check_image_root(folder, source)
+        root = _mirror_local(folder, image_root(params))
     check_image_root(root, source)
     return root
+
+
+def _mirror_local(source: Path, dest: Path) -> Path:
+    """Make ``dest`` a copy of ``source`` by hard links (a copy across file systems); files
+    unchanged since the last mirror (same size and mtime) are left alone, stale ones removed."""
+    wanted = {p.relative_to(source) for p in source.rglob("*") if p.is_file()}
+    for rel in sorted(wanted):
+        src, dst = source / rel, dest / rel
+        st = src.stat()
+        if dst.exists():
+            dt = dst.stat()
+            if (dt.st_size, dt.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    if dest.exists():
+        for path in sorted(dest.rglob("*"), reverse=True):
+            rel = path.relative_to(dest)
+            if path.is_file() and rel not in wanted:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    return dest
 
 
 def check_image_root(root: Path, source: str | None = None) -> list[str]:
@@ -233,12 +280,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _materialize_s3(uri: str, raw_dir: Path) -> Path:
+def _materialize_s3(uri: str, dest: Path) -> Path:
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, prefix = parse_s3_uri(uri)
-    dest = raw_dir / "s3" / bucket / prefix if prefix else raw_dir / "s3" / bucket
     # A fresh session reads AWS_* settings now: the default session caches credentials.
     client = boto3.session.Session().client("s3")
     endpoint = client.meta.endpoint_url

@@ -91,3 +91,15 @@ def save_confusion_matrix_png(matrix: Sequence[Sequence[int]] | Tensor, classes:
 
 def write_metrics_json(path: str | Path, metrics: dict[str, Any]) -> Path:
     return atomic_write_json(path, metrics)
+
+
+def summary_scalars(result: dict) -> dict[str, float]:
+    """The numbers worth a metrics file (what ``dvc metrics show`` prints): top-level scalars
+    and each split's top-k/loss as ``<split>_<key>``; tables and matrices stay in the report."""
+    out = {k: v for k, v in result.items()
+           if isinstance(v, int | float) and not isinstance(v, bool)}
+    for split, values in result.items():
+        if isinstance(values, dict) and "top1" in values:
+            out.update({f"{split}_{k}": v for k, v in values.items()
+                        if k in ("top1", "top5", "loss", "knn_top1", "knn_top5")})
+    return out

@@ -13,7 +13,11 @@ from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
 from pilamim.device import resolve_device
 from pilamim.evaluate.finetune import finetune_transform, run_finetune
-from pilamim.evaluate.metrics import save_confusion_matrix_png, write_metrics_json
+from pilamim.evaluate.metrics import (
+    save_confusion_matrix_png,
+    summary_scalars,
+    write_metrics_json,
+)
 from pilamim.model.export import export_encoder, read_spec
 
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
@@ -53,7 +57,8 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
         logger.log_artifact(save_confusion_matrix_png(
             metrics["test"]["confusion_matrix"], prepared.classes, out / "confusion_matrix.png"))
     metrics["dataset_digest"] = prepared.digest
-    write_metrics_json(p.metrics_path, metrics)
-    for path in (Path(p.metrics_path), Path(p.plots_path)):
+    write_metrics_json(out / "report.json", metrics)  # per-class accuracy, confusion matrices
+    write_metrics_json(p.metrics_path, summary_scalars(metrics))
+    for path in (Path(p.metrics_path), Path(p.plots_path), out / "report.json"):
         logger.log_artifact(path)
     return metrics

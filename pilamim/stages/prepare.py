@@ -9,10 +9,11 @@ from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.prepare import prepare
 from pilamim.data.prepared import DATASET_FILE, MANIFEST_FILE
+from pilamim.data.sources import image_root
 
 
 def inputs(params: Params) -> dict[str, str]:
-    return {}
+    return {str(image_root(params.data)): "fetch"}
 
 
 def data_dir(params: Params) -> str | None:
@@ -21,7 +22,7 @@ def data_dir(params: Params) -> str | None:
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     logger = logger or NullLogger()
-    prepared = prepare(params.data)
+    prepared = prepare(params.data, fetch=False)
     out = Path(params.data.out_dir)
     for name in (DATASET_FILE, MANIFEST_FILE):
         logger.log_artifact(out / name)

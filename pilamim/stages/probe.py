@@ -14,7 +14,11 @@ from pilamim.data.prepared import load_prepared
 from pilamim.data.transforms import eval_transform, pretrain_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
-from pilamim.evaluate.metrics import save_confusion_matrix_png, write_metrics_json
+from pilamim.evaluate.metrics import (
+    save_confusion_matrix_png,
+    summary_scalars,
+    write_metrics_json,
+)
 from pilamim.model.export import load_encoder, read_spec
 
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
@@ -53,7 +57,8 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
                                         out / "confusion_matrix.png")
         logger.log_artifact(png)
     metrics["dataset_digest"] = prepared.digest
-    write_metrics_json(p.metrics_path, metrics)
-    for path in (Path(p.metrics_path), Path(p.plots_path)):
+    write_metrics_json(out / "report.json", metrics)  # per-class accuracy, confusion matrices
+    write_metrics_json(p.metrics_path, summary_scalars(metrics))
+    for path in (Path(p.metrics_path), Path(p.plots_path), out / "report.json"):
         logger.log_artifact(path)
     return metrics

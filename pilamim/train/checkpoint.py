@@ -36,12 +36,13 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict[str, Any]:
             f"cannot read checkpoint {path}: {err}; delete it to start over") from err
 
 
-def check_compatible(saved_meta: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
-    """Refuse to resume when the model or the global batch changed: the state would not fit."""
-    changed = [k for k in ("model", "in_chans", "global_batch")
-               if saved_meta.get(k) != meta.get(k)]
-    if changed:
-        details = "; ".join(f"{k}: checkpoint {saved_meta.get(k)!r} vs now {meta.get(k)!r}"
-                            for k in changed)
-        raise ValueError(f"checkpoint {path} was made with different settings ({details}). "
-                         "Restore those params, or move the checkpoint away to start a new run.")
+def stale_reason(saved_meta: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    """Why a checkpoint cannot continue this run (model, data or recipe changed), else None.
+
+    Only ``epochs`` and bookkeeping may change between a run and its resume: a longer run
+    continues from the checkpoint, anything else is a new experiment.
+    """
+    changed = [k for k in meta if saved_meta.get(k) != meta[k]]
+    if not changed:
+        return None
+    return "; ".join(f"{k}: {saved_meta.get(k)!r} -> {meta[k]!r}" for k in changed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from pilamim.device import resolve_device
 from pilamim.io import atomic_write_json
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
-from pilamim.train.checkpoint import CHECKPOINT, check_compatible, load_checkpoint, save_checkpoint
+from pilamim.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, stale_reason
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
 from pilamim.train.sampler import EpochSampler
@@ -37,9 +38,17 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left as it was."""
 
 
-def _meta(params: Params, in_chans: int, plan: Plan) -> dict[str, Any]:
+# Pretrain params that do not change what the checkpoint's state means.
+_BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "device",
+                "checkpoint_every_steps", "log_every_steps", "figure_every_epochs",
+                "knn_every_epochs", "num_workers", "compile", "precision"}
+
+
+def _meta(params: Params, in_chans: int, plan: Plan, digest: str) -> dict[str, Any]:
+    recipe = {k: v for k, v in params.pretrain.model_dump(mode="json").items()
+              if k not in _BOOKKEEPING}
     return {"model": params.model.model_dump(mode="json"), "in_chans": in_chans,
-            "global_batch": plan.global_batch, "pretrain": params.pretrain.model_dump(mode="json")}
+            "global_batch": plan.global_batch, "dataset_digest": digest, "recipe": recipe}
 
 
 def _fixed_figure_batch(prepared, params: Params, device: torch.device) -> torch.Tensor:
@@ -85,11 +94,18 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
                                                       info, device)
     out_dir = Path(p.out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    meta = _meta(params, prepared.channels, plan)
+    meta = _meta(params, prepared.channels, plan, prepared.digest)
     step = 0
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, device)
-        check_compatible(state["meta"], meta, ckpt_path)
+    state = load_checkpoint(ckpt_path, device) if ckpt_path.exists() else None
+    reason = stale_reason(state["meta"], meta) if state is not None else None
+    if reason:  # a new experiment: keep the old state beside it, start from scratch
+        if info.is_main:
+            os.replace(ckpt_path, out_dir / f"previous-{CHECKPOINT}")
+            print(f"{ckpt_path} belongs to other settings ({reason}); starting over, the old "
+                  f"checkpoint is kept as previous-{CHECKPOINT}")
+        barrier(info)
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         mask_gen.set_state(state["mask_generator"].cpu())
@@ -170,6 +186,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
             v.zero_()
         epoch_counted = 0
         if info.is_main:
+            if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
+                epoch_metrics.update(_knn_monitor(model, prepared, params, device))
             logger.log_metrics(epoch_metrics, step)
             if figure_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
                 logger.log_artifact(_save_figure(model, figure_batch, params, prepared, epoch,
@@ -192,6 +210,27 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
         summary.update(_final_losses(model, prepared, params, device))
         atomic_write_json(p.metrics_path, summary)
     return summary
+
+
+def _knn_monitor(model: PiLaMIM, prepared, params: Params, device: torch.device,
+                 max_bank: int = 5000) -> dict[str, float]:
+    """Cheap representation check while training: cosine kNN (k=20, T=0.07) of val on train.
+
+    Pixel-only models score low here early on; it is a monitor, never a gate (METHOD.md).
+    """
+    from torch.utils.data import Subset
+
+    from pilamim.evaluate.features import extract_features
+    from pilamim.evaluate.knn import knn_metrics
+
+    tf = eval_transform(params.model.img_size, prepared.mean, prepared.std)
+    bank = ManifestDataset(prepared, "train", tf)
+    bank = Subset(bank, range(min(len(bank), max_bank)))
+    query = ManifestDataset(prepared, "val" if prepared.split("val") else "test", tf)
+    feats, labels = extract_features(model.encoder, bank, 256, device)
+    qfeats, qlabels = extract_features(model.encoder, query, 256, device)
+    result = knn_metrics(feats, labels, qfeats, qlabels, prepared.num_classes)
+    return {f"pretrain/{k}": v for k, v in result.items()}
 
 
 def _check_finite(loss_sum: torch.Tensor, step: int, ckpt_path: Path, last_saved: int) -> None:

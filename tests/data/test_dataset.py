@@ -19,7 +19,8 @@ from tests.data.helpers import make_tree
 
 def _prepared(tmp_path: Path, mode: str) -> PreparedDataset:
     root = make_tree(tmp_path / f"imgs-{mode}", {"ant": 5, "bee": 5}, mode=mode, size=(20, 24))
-    return prepare(DataParams(source=str(root), out_dir=str(tmp_path / f"out-{mode}")))
+    return prepare(DataParams(source=str(root), out_dir=str(tmp_path / f"out-{mode}"),
+                              raw_dir=str(tmp_path / f"raw-{mode}")))
 
 
 @pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3)])

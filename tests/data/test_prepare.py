@@ -19,6 +19,7 @@ from tests.data.helpers import add_broken_images, make_tree
 
 
 def _params(source: Path, out: Path, **changes) -> DataParams:
+    changes.setdefault("raw_dir", str(out.parent / "raw"))
     return DataParams(source=str(source), out_dir=str(out), **changes)
 
 
@@ -136,7 +137,7 @@ def test_load_prepared_round_trip_and_digest_check(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "imgs", {"a": 4, "b": 4})
     prepared = prepare(_params(root, tmp_path / "out"))
     again = load_prepared(tmp_path / "out")
-    assert again.records == prepared.records and again.root == root
+    assert again.records == prepared.records and again.root == prepared.root
     assert again.num_classes == 2 and again.label_index(again.records[-1]) == 1
     assert {r.split for r in again.records} == {"train", "val", "test"}
     manifest = tmp_path / "out" / "manifest.csv"

@@ -102,9 +102,19 @@ def test_embedded_idx_dir_without_files_is_a_clear_error(tmp_path: Path) -> None
 # ----------------------------------------------------------------------------- local
 
 
-def test_local_folder_is_used_in_place(tmp_path: Path) -> None:
+def test_local_folder_is_mirrored_under_raw_dir_by_hard_links(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "imgs", {"cat": 2, "dog": 1})
-    assert materialize(DataParams(source=str(root))) == root
+    params = DataParams(source=str(root), raw_dir=str(tmp_path / "raw"))
+    mirror = materialize(params)
+    assert mirror == tmp_path / "raw" / "local" / "imgs"
+    files = sorted(p.relative_to(mirror) for p in mirror.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    first = next(p for p in mirror.rglob("*") if p.is_file())
+    assert first.stat().st_ino == (root / first.relative_to(mirror)).stat().st_ino
+    # a file removed at the source disappears from the mirror on the next fetch
+    (root / first.relative_to(mirror)).unlink()
+    materialize(params)
+    assert not first.exists()
 
 
 def test_local_folder_missing_is_a_clear_error(tmp_path: Path) -> None:

@@ -41,11 +41,24 @@ def test_micro_pretrain_loss_falls_and_writes_outputs(tmp_path, tiny_prepared):
 
 
 def test_rerun_after_completion_does_no_training(tmp_path, tiny_prepared):
-    params = micro_run_params(tmp_path, tiny_prepared, epochs=1)
-    pretrain(params)
+    params = micro_run_params(tmp_path, tiny_prepared, epochs=1, knn_every_epochs=1)
+    first = MemoryLogger()
+    pretrain(params, first)
+    assert 0.0 <= first.series("pretrain/knn_top1")[0] <= 1.0
     log = MemoryLogger()
     pretrain(params, log)
     assert log.series("pretrain/loss") == []
+
+
+def test_changed_recipe_starts_over_and_keeps_the_old_checkpoint(tmp_path, tiny_prepared):
+    pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=1))
+    log = MemoryLogger()
+    pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=1, lr=5e-4), log)
+    assert len(log.series("pretrain/loss")) == 210 // 16  # trained again from step 0
+    assert (tmp_path / "models/pretrain/previous-checkpoint.pt").exists()
+    longer = MemoryLogger()  # more epochs only: continues from the checkpoint
+    pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=2, lr=5e-4), longer)
+    assert len(longer.series("pretrain/loss")) == 210 // 16
 
 
 class _Interrupt(Exception):
