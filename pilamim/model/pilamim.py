@@ -108,7 +108,7 @@ class PiLaMIM(nn.Module):
             loss_cls = cls_mse(pred[:, 0], target_cls)
             loss = loss + self.weights.latent * loss_latent + self.weights.cls * loss_cls
 
-        feature_std = tokens.detach().float().std(dim=0).mean()
+        feature_std = tokens.detach().float().std(dim=0, correction=0).mean()
         return PiLaMIMOutput(loss, loss_pixel, loss_latent, loss_cls, pred_pixels, mask.mask,
                              feature_std)
 

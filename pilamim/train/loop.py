@@ -88,8 +88,10 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     p = params.pretrain
     device = resolve_device(p.device, info.local_rank)
     prepared = load_prepared(p.data_dir)
+    # Decoded-image cache only in-process: workers would each hold (and drop) their own copy.
     train_set = ManifestDataset(prepared, "train", pretrain_transform(
-        params.model.img_size, prepared.mean, prepared.std, p.crop_scale, p.hflip))
+        params.model.img_size, prepared.mean, prepared.std, p.crop_scale, p.hflip),
+        cache=None if p.num_workers == 0 else False)
     model, optimizer, plan, mask_gen = build_training(params, prepared.channels, len(train_set),
                                                       info, device)
     out_dir = Path(p.out_dir)

@@ -14,9 +14,17 @@ import torch
 from torch.utils.data import Sampler
 
 
-def sample_seed(run_seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence((run_seed, epoch, index)).generate_state(1, np.uint64)[0]
-               % (2**63))
+def sample_seeds(run_seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """63-bit seeds for (run seed, epoch, index), vectorised (splitmix64 finaliser): one numpy
+    call per epoch instead of tens of microseconds per sample in the main process."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(run_seed) * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64(epoch) * np.uint64(0xD1B54A32D192ED03)
+             + indices.astype(np.uint64))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(1)).astype(np.int64)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -43,8 +51,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return order[:usable][self.rank::self.world].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices()[self.start:]:
-            yield index, sample_seed(self.seed, self.epoch, index)
+        indices = np.asarray(self._indices()[self.start:], dtype=np.int64)
+        seeds = sample_seeds(self.seed, self.epoch, indices)
+        yield from zip(indices.tolist(), seeds.tolist(), strict=True)
 
     def __len__(self) -> int:
         return max(0, self.size // self.world - self.start)

@@ -1,0 +1,1 @@
+"""Benchmarks and studies, each run as ``python -m benchmarks.<name>``."""
