@@ -110,8 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _brief(result: dict) -> dict:
-    """What the terminal shows: scalars only (per-class tables and matrices stay in the JSON)."""
-    return {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
+    """What the terminal shows: scalars, plus the pipeline's metrics table; per-class tables
+    and matrices stay in the JSON files."""
+    brief = {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
+    if isinstance(result.get("metrics"), dict):
+        brief["metrics"] = result["metrics"]
+    return brief
 
 
 if __name__ == "__main__":

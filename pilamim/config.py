@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pilamim.io import atomic_write_text
+
 Preset = Literal["pilamim", "pilamim_nocls", "mae", "latent", "latent_cls"]
 ModelSize = Literal["micro", "mini", "tiny", "small", "base", "large"]
 
@@ -334,4 +336,4 @@ def dump_params(params: Params, params_dir: str | Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for group in GROUPS:
         values = getattr(params, group).model_dump(mode="json")
-        (root / f"{group}.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+        atomic_write_text(root / f"{group}.yaml", yaml.safe_dump(values, sort_keys=False))
