@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# One thread per process: tiny models gain nothing from more, and tests that start
+# subprocesses (DDP, CLI stages) would otherwise oversubscribe the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pilamim.config import ModelParams
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pilamim.config import ModelParams  # noqa: E402
 
 # Tests own their tool state: no stray MLflow/Prefect/DVC state from the developer's machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 
 
 def micro_model_params(**changes) -> ModelParams:

@@ -28,9 +28,13 @@ TINY = [
 
 @pytest.mark.slow
 def test_pilamim_run_end_to_end(tmp_path):
-    for name in ("dvc.yaml", "params", ".dvcignore"):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("dvc.yaml", "params", ".dvcignore", "pilamim"):  # pilamim/: DVC code deps
         src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=ignore)
+        else:
+            shutil.copy(src, tmp_path / name)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "PREFECT_HOME": str(tmp_path / ".prefect"), "GIT_CONFIG_NOSYSTEM": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

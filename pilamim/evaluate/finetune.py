@@ -31,6 +31,7 @@ from pilamim.evaluate.features import make_loader
 from pilamim.evaluate.linear_probe import report_split
 from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
 from pilamim.evaluate.seeding import seeded
+from pilamim.evaluate.timm_compat import safe_posterize
 from pilamim.model.export import WEIGHTS, read_spec
 from pilamim.schedules import cosine_with_warmup, set_lr
 
@@ -78,9 +79,10 @@ def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float
     if len(mean) != len(std):
         raise ValueError(f"mean {mean} and std {std} must have the same length")
     if train:
-        tf = create_transform(img_size, is_training=True, auto_augment=params.randaugment,
-                              color_jitter=None, re_prob=params.reprob, re_mode="pixel",
-                              re_count=1, interpolation="bicubic", mean=mean, std=std)
+        with safe_posterize():  # timm binds its ops here; see timm_compat
+            tf = create_transform(img_size, is_training=True, auto_augment=params.randaugment,
+                                  color_jitter=None, re_prob=params.reprob, re_mode="pixel",
+                                  re_count=1, interpolation="bicubic", mean=mean, std=std)
     else:
         tf = create_transform(img_size, is_training=False, interpolation="bicubic",
                               crop_pct=0.875 if img_size >= 64 else 1.0, mean=mean, std=std)

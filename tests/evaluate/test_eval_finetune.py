@@ -155,3 +155,17 @@ def test_finetune_end_to_end_on_pil_images_with_randaugment(encoder_dir, splits)
     metrics, _ = run_finetune(encoder_dir, train, {"val": _PilDataset(splits["val"], eval_tf)},
                               CLASSES, params, "cpu")
     assert 0.0 <= metrics["top1"] <= 1.0 and metrics["val"]["num_samples"] == 32
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_crash():
+    """timm's inc1 posterize can ask Pillow >= 12 for 0 bits; the transform must survive it."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    img = Image.new("L", (28, 28), 200)
+    posterize = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+    tf = finetune_transform(28, (0.5,), (0.5,), FinetuneParams(**TINY), train=True)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", [])
+           if op.name.startswith("Posterize")]
+    assert ops and all(op.aug_fn is not posterize for op in ops)
+    assert ops[0].aug_fn(img, 0).getextrema() == (0, 0)

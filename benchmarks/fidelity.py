@@ -1,0 +1,210 @@
+"""Fidelity study: does our PiLaMIM learn better features than its own baselines?
+
+Pretrains the presets ``pilamim``, ``pilamim_nocls``, ``mae`` and ``latent`` with one shared
+budget through the real library (``pilamim pretrain``'s code), adds two floors (an untrained
+encoder, a linear probe on raw pixels), evaluates every one with the same linear probe, kNN,
+fine-tune and low-level protocols, tracks every run in MLflow under one parent run, and writes
+``<out>/fidelity.md``, ``fidelity.png`` and ``fidelity.json``.
+
+Run it from the repository root:
+
+    python -m benchmarks.fidelity --budget cpu --seeds 0 1 2 --out reports/
+    python -m benchmarks.fidelity --scale                   # GPU budget (ViT-S, longer)
+    python -m benchmarks.fidelity --budget cpu --seeds 3 4  # add seeds to the same study
+    python -m benchmarks.fidelity --budget cpu --only mae   # (re)run only some entries
+
+Each run's results land in ``<out>/fidelity_runs/<entry>-seed<k>.json``; a run whose JSON
+exists is reused, so a killed study continues where it stopped (delete a JSON to redo that
+run). The report covers every results JSON of the same study params in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.fidelity_study import chart, parallel, report, runs, stats
+from benchmarks.fidelity_study.budgets import (
+    BUDGETS,
+    DEFAULT_SEEDS,
+    RUNTIME,
+    budget_params,
+    with_paths,
+)
+from benchmarks.fidelity_study.lowlevel import class_only_accuracy, load_eval_images
+from pilamim.config import ParamsError
+from pilamim.data.prepare import prepare
+from pilamim.device import resolve_device
+from pilamim.io import atomic_write_json, atomic_write_text
+from pilamim.model import build_encoder
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
+                    help="micro: test-sized; cpu: the 2-core study; gpu: ViT-S, longer")
+    ap.add_argument("--scale", action="store_true", help="shorthand for --budget gpu")
+    ap.add_argument("--seeds", type=int, nargs="+", help="default: the budget's (cpu: 0 1 2)")
+    ap.add_argument("--out", default="reports", help="report + per-run results JSON")
+    ap.add_argument("--work-dir", help="models and prepared data (default "
+                    "models/fidelity/<budget>)")
+    ap.add_argument("--only", "--presets", nargs="+", choices=runs.ENTRIES, dest="only",
+                    metavar="ENTRY", help="run only these of " + ", ".join(runs.ENTRIES) +
+                    " (the others are still reported when their results are on disk)")
+    ap.add_argument("--params", help="base params directory (default: the repo's params/)")
+    ap.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE",
+                    help="override a param for every run (e.g. model.norm_pix_loss=true)")
+    ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--jobs", type=int, help="worker processes (default: the budget's; "
+                    "cpu: 2, one per core)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads per process (default: "
+                    "the budget's; cpu/micro: 1)")
+    args = ap.parse_args(argv)
+    if args.scale:
+        args.budget = "gpu"
+    args.seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.budget]
+    jobs, threads = RUNTIME[args.budget]
+    args.jobs = args.jobs if args.jobs is not None else jobs
+    args.threads = args.threads if args.threads is not None else threads
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        params = budget_params(args.budget, args.params, args.set)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    work = Path(args.work_dir or f"models/fidelity/{args.budget}").absolute()
+    out = Path(args.out)
+    entries = [e for e in runs.ENTRIES if not args.only or e in args.only]
+    todo = [(seed, entry) for seed in args.seeds for entry in entries]
+    shared = with_paths(params, work, "shared", params.model.preset, 0)
+    clash = runs.mismatched(out, todo, runs.fingerprint(shared))
+    if clash:
+        print(f"error: {len(clash)} results JSON in {out} were made with other study params "
+              f"(e.g. {clash[0]}): use another --out folder, or delete them to redo those runs",
+              file=sys.stderr)
+        return 2
+    prepared = prepare(shared.data)
+    data = load_eval_images(prepared, params.model.img_size)
+    study = runs.Study(params=shared, budget=args.budget, work=work, out=out,
+                       prepared=prepared, data=data,
+                       device=resolve_device(params.pretrain.device),
+                       command="python -m benchmarks.fidelity " + shlex.join(argv),
+                       track=not args.no_track)
+    meta = _meta(study, args, started)
+    failed, fresh = [], set()
+    with _parent_run(study, args) as parent:
+        for i, done in enumerate(parallel.execute(study, todo, args.jobs, args.threads), 1):
+            if done.result is None:
+                failed.append(done)
+                print(f"[{i}/{len(todo)}] {done.entry} seed {done.seed} FAILED:\n{done.error}",
+                      file=sys.stderr, flush=True)
+            else:
+                print(_progress(i, len(todo), done.result), flush=True)
+                if not done.result["cached"]:
+                    fresh.add((done.entry, done.seed))
+            paths = write_report(study, meta, started, fresh)
+        if not todo:
+            paths = write_report(study, meta, started, fresh)
+        if parent is not None:
+            for path in paths:
+                parent.log_artifact(path, "report")
+            parent.log_metrics(_means(study))
+    print(f"report: {paths[0]}")
+    if failed:
+        names = ", ".join(f"{f.entry}-seed{f.seed}" for f in failed)
+        print(f"{len(failed)} run(s) failed ({names}); rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_report(study: runs.Study, meta: dict[str, Any], started: float,
+                 fresh: set[tuple[str, int]]) -> list[Path]:
+    """(Re)write md, json and png from every results JSON of this study in ``out``.
+
+    ``fresh``: the runs computed by this invocation; the others are marked reused.
+    """
+    results, ignored = runs.load_results(study.out, study.fingerprint)
+    for r in results:
+        r["cached"] = (r["entry"], r["seed"]) not in fresh
+    meta = {**meta, "invocation_s": time.perf_counter() - started,
+            "ignored": [str(p) for p in ignored]}
+    md, data = report.build(results, runs.ENTRIES, meta)
+    summary = stats.table(results)
+    png = chart.bar_chart(summary, runs.ENTRIES, study.out / "fidelity.png",
+                          f"Fidelity study, budget {study.budget}: mean ± std over seeds "
+                          "(dots: single seeds)")
+    return [atomic_write_text(study.out / "fidelity.md", md),
+            atomic_write_json(study.out / "fidelity.json", data), png]
+
+
+def _meta(study: runs.Study, args: argparse.Namespace, started: float) -> dict[str, Any]:
+    encoder = build_encoder(study.params.model, study.prepared.channels)
+    values = {g: getattr(study.params, g).model_dump(mode="json") for g in runs.TRACKED_GROUPS}
+    return {
+        "budget": study.budget, "command": study.command, "fingerprint": study.fingerprint,
+        "seeds": list(args.seeds), "overrides": list(args.set), "params": values,
+        "expected_runs": len(runs.ENTRIES) * len(args.seeds),
+        "split_sizes": {s: len(study.prepared.split(s)) for s in ("train", "val", "test")},
+        "encoder_params": sum(p.numel() for p in encoder.parameters()),
+        "lowlevel": {"class_only_test": class_only_accuracy(study.data),
+                     "edges": study.data.edges.tolist()},
+        "device": str(study.device), "torch_threads": torch.get_num_threads(),
+        "jobs": args.jobs,
+        "dataset_digest": study.prepared.digest, "setup_s": time.perf_counter() - started,
+    }
+
+
+@contextlib.contextmanager
+def _parent_run(study: runs.Study, args: argparse.Namespace) -> Iterator[Any]:
+    """One MLflow parent run for the whole study; child runs find it through the env."""
+    if not study.track:
+        yield None
+        return
+    from pilamim import tracking
+
+    tags = {"fidelity.budget": study.budget, "fidelity.seeds": " ".join(map(str, args.seeds)),
+            "fidelity.fingerprint": study.fingerprint, "fidelity.command": study.command}
+    with tracking.pipeline_run(study.params, run_name="fidelity-study",
+                               extra_tags=tags) as parent:
+        yield parent
+
+
+def _means(study: runs.Study) -> dict[str, float]:
+    """``<entry>/<metric>_mean`` and ``_std`` for the parent run (compare in the MLflow UI)."""
+    results, _ = runs.load_results(study.out, study.fingerprint)
+    out = {}
+    for entry, row in stats.table(results).items():
+        for metric, s in row.items():
+            if s is not None:
+                out[f"{entry}/{metric}_mean"] = s.mean
+                out[f"{entry}/{metric}_std"] = s.std
+    return out
+
+
+def _progress(i: int, n: int, result: dict[str, Any]) -> str:
+    m = result["metrics"]
+    shown = " ".join(f"{k}={100 * v:.1f}" for k, v in m.items() if v is not None)
+    how = "reused" if result.get("cached") else f"{result['timing']['total_s']:.0f} s"
+    return f"[{i}/{n}] {result['entry']} seed {result['seed']}: {shown} ({how})"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
