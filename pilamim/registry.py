@@ -285,6 +285,18 @@ def _existing_versions(client: MlflowClient, name: str) -> list[str]:
     return sorted((str(v.version) for v in versions), key=int)
 
 
+def _require_model(client: MlflowClient, name: str) -> None:
+    """A :class:`RegistryError` listing the registered models when ``name`` is not one."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if not _is_missing(err):
+            raise
+        names = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(f"no registered model {name!r}; registered models: "
+                            f"{', '.join(names) or '(none)'}") from None
+
+
 def promote(name: str, version: str | int, client: MlflowClient | None = None,
             reason: str = "promoted by hand (`pilamim promote`)"):
     """Make ``version`` of ``name`` the ``@champion`` regardless of the gate.
@@ -294,14 +306,7 @@ def promote(name: str, version: str | int, client: MlflowClient | None = None,
     """
     client = client or registry_client()
     version = str(version).strip()
-    try:
-        client.get_registered_model(name)
-    except MlflowException as err:
-        if not _is_missing(err):
-            raise
-        names = sorted(m.name for m in client.search_registered_models())
-        raise RegistryError(f"no registered model {name!r}; registered models: "
-                            f"{', '.join(names) or '(none)'}") from None
+    _require_model(client, name)
     existing = _existing_versions(client, name)
     if version not in existing:
         raise RegistryError(f"model {name!r} has no version {version!r}; existing versions: "
@@ -325,14 +330,7 @@ def list_models(name: str | None = None,
     if name is None:
         names = sorted(m.name for m in client.search_registered_models())
     else:
-        try:
-            client.get_registered_model(name)
-        except MlflowException as err:
-            if not _is_missing(err):
-                raise
-            names = sorted(m.name for m in client.search_registered_models())
-            raise RegistryError(f"no registered model {name!r}; registered models: "
-                                f"{', '.join(names) or '(none)'}") from None
+        _require_model(client, name)
         names = [name]
     rows = []
     for model_name in names:
