@@ -25,11 +25,11 @@ and records the outcome:
   weaker copy of DVC's check: keyed on params and ``dvc.lock`` it would return a stale result
   after someone deleted or edited a stage's outputs; keyed on output content it would
   re-implement DVC's hashing. DVC stays the single judge of "done".
-* **Retries only for transient failures** (:func:`is_transient`): unreachable tracking server,
+* **Retries only for transient failures** (:mod:`flows.retry`): unreachable tracking server,
   connection errors and timeouts, S3 endpoint errors, SQLite "database is locked", DVC's lock.
   Bad params, missing inputs and other bugs fail at once.
 * **probe and finetune run concurrently**, each in its own Python process
-  (:func:`execute_isolated`). In one process the two trainings would share torch's, numpy's and
+  (:mod:`flows.isolation`). In one process the two trainings would share torch's, numpy's and
   Python's global RNGs (dropout, drop path, Mixup, RandAugment draw from them), so their results
   would depend on thread timing and differ from a sequential ``dvc repro``. DVC bookkeeping stays
   in this process, where :mod:`flows.dvc_state` serialises it, so the two never meet DVC's lock.
@@ -38,206 +38,39 @@ and records the outcome:
   is tagged with the Prefect flow-run and task-run ids.
 * **Summary.** A markdown artifact ``pilamim-pipeline-summary`` (Artifacts page of the Prefect
   UI): metrics table, promotion decision and reason, MLflow runs, which stages ran or were
-  skipped. The flow returns the same facts as a dict.
+  skipped. The flow returns the same facts as a dict (:mod:`flows.summary`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
-import os
-import pickle
-import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_state
+from flows.isolation import _threads_per_process, execute_isolated
+from flows.retry import retry_transient
+from flows.summary import ARTIFACT_KEY, FINAL, _publish, summarize
 from pilamim.config import Params, ParamsError, dump_params, load_params
 from pilamim.stages import STAGE_GROUPS, STAGES
 
 FLOW_NAME = "pilamim-pipeline"
-ARTIFACT_KEY = "pilamim-pipeline-summary"
 SEQUENTIAL = ("fetch", "prepare", "pretrain")
 CONCURRENT = ("probe", "finetune")     # both only read prepare's and pretrain's outputs
-FINAL = "register"
 RETRIES = 2
 RETRY_DELAYS_S = [10, 60]
 
-# (stage, key in its metrics JSON, label) for the summary's metrics table.
-SUMMARY_METRICS = (
-    ("pretrain", "val_loss", "pretrain loss (val, fixed mask)"),
-    ("pretrain", "val_loss_pixel", "pretrain pixel loss (val)"),
-    ("pretrain", "val_loss_latent", "pretrain latent loss (val)"),
-    ("probe", "top1", "linear probe top-1"),
-    ("probe", "top5", "linear probe top-5"),
-    ("probe", "knn_top1", "kNN top-1"),
-    ("finetune", "top1", "fine-tune top-1"),
-    ("finetune", "top5", "fine-tune top-5"),
-)
-
-
-# ----------------------------------------------------------------------------- retry policy
-
-
-_TRANSIENT_MESSAGES = ("database is locked", "unable to acquire lock", "temporarily unavailable",
-                       "connection reset", "connection refused", "connection aborted",
-                       "max retries exceeded", "timed out")
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    from pilamim.tracking import TrackingUnavailable
-
-    types: list[type[BaseException]] = [TrackingUnavailable, ConnectionError, TimeoutError]
-    with contextlib.suppress(ImportError):
-        import requests
-
-        types += [requests.ConnectionError, requests.Timeout]
-    with contextlib.suppress(ImportError):
-        import botocore.exceptions as boto
-
-        types += [boto.EndpointConnectionError, boto.ConnectTimeoutError,
-                  boto.ReadTimeoutError, boto.ConnectionClosedError]
-    with contextlib.suppress(ImportError):
-        import urllib3.exceptions as u3
-
-        types += [u3.NewConnectionError, u3.MaxRetryError, u3.TimeoutError]
-    with contextlib.suppress(ImportError):
-        from dvc.lock import LockError
-
-        types.append(LockError)
-    return tuple(types)
-
-
-def _permanent_types() -> tuple[type[BaseException], ...]:
-    from pilamim.stages.runner import MissingInputError
-
-    return ParamsError, MissingInputError, ValueError, TypeError, KeyError
-
-
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def is_transient(err: BaseException) -> bool:
-    """True when retrying the stage may succeed: the error (or its cause) is about the network,
-    a server or a lock, not about params, inputs or code.
-
-    The error itself decides first: a ParamsError or MissingInputError is permanent even when
-    raised while handling a network error.
-    """
-    if isinstance(err, _permanent_types()) and not isinstance(err, _transient_types()):
-        return False
-    transient = _transient_types()
-    for link in _chain(err):
-        if isinstance(link, transient):
-            return True
-        # MLflow wraps store and HTTP failures in MlflowException; SQLite reports its lock as
-        # an OperationalError: only their message tells a lock or an outage from a bug.
-        wrapper = type(link).__name__ == "MlflowException"
-        if wrapper or isinstance(link, sqlite3.OperationalError | RuntimeError | OSError):
-            text = str(link).lower()
-            if any(m in text for m in _TRANSIENT_MESSAGES):
-                return True
-    return False
-
-
-def retry_transient(task_: Any, task_run_: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry a failed stage only when :func:`is_transient`."""
-    try:
-        state.result()
-    except Exception as err:  # noqa: BLE001 - classify whatever the stage raised
-        return is_transient(err)
-    return False
+__all__ = ["ARTIFACT_KEY", "FLOW_NAME", "STAGE_TASKS", "pilamim_pipeline", "run_stage"]
 
 
 # ----------------------------------------------------------------------------- stage execution
-
-
-class StageProcessError(RuntimeError):
-    """A stage process ended without reporting a result (killed, out of memory, crashed)."""
-
-
-_CHILD_CODE = "import sys; from flows.pipeline import _stage_process; _stage_process(*sys.argv[1:])"
-
-
-def execute_isolated(stage: str, params: Params, threads: int | None = None) -> dict[str, Any]:
-    """``runner.execute(stage, params)`` in a fresh Python process; its result or its error.
-
-    Own process = own RNGs, own torch thread pool, own MLflow run stack, so two stages running
-    at once give exactly what each gives alone. The process inherits this one's environment
-    (MLflow URI, parent-run id), working directory and ``sys.path``. A plain subprocess, not
-    ``multiprocessing``: spawn re-imports the caller's ``__main__``, which breaks scripts that
-    call the flow without an ``if __name__ == "__main__"`` guard. Errors come back as
-    themselves, with their ``__cause__`` chain, so :func:`is_transient` can judge them.
-    """
-    with tempfile.TemporaryDirectory(prefix=f"pilamim-{stage}-") as tmp:
-        job, reply = Path(tmp) / "job.pkl", Path(tmp) / "reply.pkl"
-        job.write_bytes(pickle.dumps((stage, params, threads)))
-        # -P + PYTHONPATH = exactly this process's sys.path ('' is the working directory)
-        path = os.pathsep.join(p or os.getcwd() for p in sys.path)
-        env = {**os.environ, "PYTHONPATH": path}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        done = subprocess.run([sys.executable, "-P", "-c", _CHILD_CODE, str(job), str(reply)],
-                              env=env)
-        if not reply.exists():
-            raise StageProcessError(f"the {stage} process exited with code {done.returncode} "
-                                    "before reporting a result (killed? out of memory?)")
-        ok, value = pickle.loads(reply.read_bytes())
-    if ok:
-        return value
-    for err, cause in itertools.pairwise(value):
-        err.__cause__ = cause
-    raise value[0]
-
-
-def _stage_process(job: str, reply: str) -> None:
-    """Child side of :func:`execute_isolated`: run the stage, pickle its result or errors."""
-    stage, params, threads = pickle.loads(Path(job).read_bytes())
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    from pilamim.stages.runner import execute
-
-    try:
-        answer: tuple[bool, Any] = (True, execute(stage, params))
-    except Exception as err:  # noqa: BLE001 - sent back to the parent, raised there
-        answer = (False, [_picklable(e) for e in _chain(err)])
-    Path(reply + ".tmp").write_bytes(pickle.dumps(answer))
-    os.replace(reply + ".tmp", reply)
-
-
-def _picklable(err: BaseException) -> BaseException:
-    try:
-        return pickle.loads(pickle.dumps(err))
-    except Exception:  # noqa: BLE001 - keep type name and message at least
-        return RuntimeError(f"{type(err).__name__}: {err}")
-
-
-def _threads_per_process(concurrent: int) -> int:
-    """Split this machine's cores between the concurrent stage processes (at least 1 each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // concurrent)
 
 
 def metrics_path(stage: str, params: Params) -> Path | None:
@@ -350,89 +183,6 @@ def sync_params(params: Params | None, params_dir: str | Path) -> Params:
     return params
 
 
-# ----------------------------------------------------------------------------- summary
-
-
-def _link(run_id: str | None, experiment_id: str) -> str:
-    if not run_id:
-        return "–"
-    from pilamim import tracking
-
-    url = tracking.run_url(SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
-    return f"[`{run_id[:8]}`]({url})" if url else f"`{run_id}`"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "–" if value is None else str(value)
-
-
-def summarize(outcomes: dict[str, dict[str, Any]], pipeline: Any,
-              status: str = "completed", error: str | None = None) -> dict[str, Any]:
-    """The flow's return value: stages ran/skipped, headline metrics, promotion, MLflow ids."""
-    metrics = {f"{stage}_{key}".replace("probe_knn", "knn"): outcomes[stage]["metrics"].get(key)
-               for stage, key, _ in SUMMARY_METRICS if stage in outcomes}
-    register = outcomes.get(FINAL, {}).get("metrics", {})
-    return {
-        "status": status,
-        "error": error,
-        "flow_run_id": str(flow_run.get_id() or ""),
-        "pipeline_run_id": pipeline.run_id,
-        "pipeline_id": pipeline.pipeline_id,
-        "experiment_id": pipeline.experiment_id,
-        "ran": [s for s in STAGES if s in outcomes and not outcomes[s]["skipped"]],
-        "skipped": [s for s in STAGES if s in outcomes and outcomes[s]["skipped"]],
-        "stages": " ".join(f"{s}={'skipped' if o['skipped'] else 'ran'}"
-                           for s, o in outcomes.items()),
-        "mlflow_runs": {s: o["mlflow_run_id"] for s, o in outcomes.items() if o["mlflow_run_id"]},
-        "metrics": {k: v for k, v in metrics.items() if v is not None},
-        "model_name": register.get("model_name"),
-        "model_version": register.get("version"),
-        "decision": register.get("action"),
-        "decision_reason": register.get("reason"),
-        "artifact_key": ARTIFACT_KEY,
-    }
-
-
-def summary_markdown(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> str:
-    """The markdown artifact: what ran, what it measured, what the gate decided, where to look."""
-    from pilamim import tracking
-
-    exp = summary["experiment_id"]
-    lines = [f"# PiLaMIM pipeline: {summary['status']}", ""]
-    if summary["error"]:
-        lines += [f"**Error:** {summary['error']}", ""]
-    uri = tracking.resolve_tracking_uri()
-    lines += [f"MLflow pipeline run: {_link(summary['pipeline_run_id'], exp)} "
-              f"(experiment `{exp}`, tracking `{uri}`)."]
-    if not uri.startswith(("http://", "https://")):
-        lines += ["", f"Open it with `mlflow ui --backend-store-uri {uri}`."]
-    lines += ["", "## Stages", "", "| stage | status | MLflow run | seconds |",
-              "|---|---|---|---|"]
-    for stage in STAGES:
-        o = outcomes.get(stage)
-        if o is None:
-            lines.append(f"| {stage} | not run | – | – |")
-            continue
-        status = "skipped (up to date in dvc.lock)" if o["skipped"] else "ran"
-        seconds = "–" if o["skipped"] else f"{o['seconds']:.1f}"
-        lines.append(f"| {stage} | {status} | {_link(o['mlflow_run_id'], exp)} | {seconds} |")
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    for stage, key, label in SUMMARY_METRICS:
-        value = outcomes.get(stage, {}).get("metrics", {}).get(key)
-        lines.append(f"| {label} | {_fmt(value)} |")
-    lines += ["", "## Promotion", ""]
-    if summary["decision"]:
-        register = outcomes[FINAL]
-        when = " (earlier run; register was up to date)" if register["skipped"] else ""
-        lines.append(f"`{summary['model_name']}` version {summary['model_version']} -> "
-                     f"**@{summary['decision']}**{when}: {summary['decision_reason']}")
-    else:
-        lines.append("No registration recorded.")
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------- the flow
 
 
@@ -479,7 +229,3 @@ def pilamim_pipeline(params: Params | None = None, params_dir: str = "params",
         _publish(summary, outcomes)
     return summary
 
-
-def _publish(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
-    create_markdown_artifact(markdown=summary_markdown(summary, outcomes), key=ARTIFACT_KEY,
-                             description="PiLaMIM pipeline: stages, metrics, promotion decision")

@@ -1,13 +1,10 @@
-"""MLflow glue for the stages: where runs go, what every run records, and fast failure.
+"""MLflow runs of the stages and the pipeline: what every run records and how it links up.
 
-Only this module and :mod:`pilamim.registry` import MLflow; the library reports through the
-:class:`pilamim.callbacks.Logger` protocol and a stage plugs :class:`MLflowLogger` into it.
-
-Where runs go. ``MLFLOW_TRACKING_URI`` wins. Without it, runs go to a SQLite store
-``./mlflow.db`` (made absolute) with artifacts in ``./mlartifacts``: run ``mlflow ui`` in the
-same folder and it opens that very database (MLflow 3's ``mlflow ui``/``mlflow server`` default
-backend is ``sqlite:///mlflow.db``; artifacts of our runs are read from the recorded absolute
-``file://`` location, so the UI shows them too).
+MLflow is imported only by this module, :mod:`pilamim.tracking_server` (where runs go, fast
+failure), :mod:`pilamim.mlflow_logger` and :mod:`pilamim.registry`; the library reports through
+the :class:`pilamim.callbacks.Logger` protocol and a stage plugs :class:`MLflowLogger` into it.
+The names of those two helper modules are re-exported here, so ``pilamim.tracking`` stays the
+one import for callers.
 
 What every stage run records (:func:`stage_run`): the stage name as the run name, the validated
 params of the groups the stage reads (keys ``<group>.<key>``, so the UI filter is
@@ -15,11 +12,6 @@ params of the groups the stage reads (keys ``<group>.<key>``, so the UI filter i
 commit (+ dirty flag), the params hash, the pipeline id linking the stage runs of one pipeline
 execution, the Prefect flow-run id when run by Prefect and the DVC/prepared data digest, and
 system metrics (CPU, memory, GPU) sampled by MLflow in the background.
-
-Fast failure. MLflow's HTTP client retries for minutes when a server is down. Before a stage
-does any work we probe ``<uri>/health`` (:func:`check_tracking_reachable`) and fail within
-seconds with :class:`TrackingUnavailable`; while a run is open we cap MLflow's retries and
-timeouts (unless the user set them) so a server dying mid-run cannot hang a stage for long.
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -44,20 +35,44 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pilamim.config import GROUPS, Params
+from pilamim.mlflow_logger import MLflowLogger
 from pilamim.stages import STAGE_GROUPS as _STAGE_GROUPS
+from pilamim.tracking_server import (
+    DEFAULT_ARTIFACT_DIR,
+    DEFAULT_DB_NAME,
+    DEFAULT_EXPERIMENT,
+    ENV_EXPERIMENT,
+    HTTP_LIMITS,
+    TrackingUnavailable,
+    _short,
+    artifact_location,
+    check_tracking_reachable,
+    connect,
+    default_tracking_uri,
+    http_limits,
+    resolve_tracking_uri,
+)
+
+__all__ = [
+    # re-exported from pilamim.tracking_server and pilamim.mlflow_logger
+    "DEFAULT_ARTIFACT_DIR", "DEFAULT_DB_NAME", "DEFAULT_EXPERIMENT", "ENV_EXPERIMENT",
+    "HTTP_LIMITS", "MLflowLogger", "TrackingUnavailable", "artifact_location",
+    "check_tracking_reachable", "connect", "default_tracking_uri", "http_limits",
+    "resolve_tracking_uri",
+    # defined here
+    "ENV_PARENT_RUN_ID", "ENV_PIPELINE_ID", "MAX_MLFLOW_DIGEST", "STAGE_GROUPS",
+    "TAG_DATA_DIGEST", "TAG_GIT_COMMIT", "TAG_GIT_DIRTY", "TAG_PARAMS_HASH", "TAG_PIPELINE_ID",
+    "TAG_PREFECT_FLOW_RUN", "TAG_PREFECT_TASK_RUN", "TAG_STAGE", "StageRun", "flatten_params",
+    "git_info", "log_dataset_input", "params_dict", "params_hash", "pipeline_run",
+    "prefect_ids", "read_data_digest", "run_url", "stage_run",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "pilamim"
-DEFAULT_DB_NAME = "mlflow.db"
-DEFAULT_ARTIFACT_DIR = "mlartifacts"
-
 # Env vars (read at call time, so tests and the Prefect flow can set them).
-ENV_EXPERIMENT = "PILAMIM_EXPERIMENT"
 ENV_PIPELINE_ID = "PILAMIM_PIPELINE_ID"
 ENV_PARENT_RUN_ID = "PILAMIM_PARENT_RUN_ID"
 
@@ -73,139 +88,6 @@ TAG_PREFECT_TASK_RUN = "pilamim.prefect_task_run_id"
 
 # Which params groups each stage reads; a stage run logs exactly these.
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {**_STAGE_GROUPS, "pipeline": tuple(GROUPS)}
-
-# Caps applied to MLflow's HTTP client while a run is open, unless the user set them.
-# Defaults in MLflow 3.17 are 7 retries with backoff factor 2 (minutes of waiting) and 120 s.
-HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached; the message says what to check."""
-
-
-# ----------------------------------------------------------------------------- where runs go
-
-
-def default_tracking_uri(root: str | Path | None = None) -> str:
-    """``sqlite:///<abs root>/mlflow.db`` — the file ``mlflow ui`` opens when run in ``root``."""
-    base = Path(root) if root is not None else Path.cwd()
-    return f"sqlite:///{(base / DEFAULT_DB_NAME).resolve()}"
-
-
-def resolve_tracking_uri(root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else :func:`default_tracking_uri` (current folder)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-
-
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Where a new experiment's artifacts go: ``mlartifacts/`` beside a SQLite file.
-
-    For servers (http), the server decides (``--artifacts-destination``); for other databases
-    MLflow's own default applies. Returns ``None`` when MLflow should decide.
-    """
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
-        return (db.parent / DEFAULT_ARTIFACT_DIR / safe).resolve().as_uri()
-    return None
-
-
-def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail within ``timeout_s`` when an http(s) tracking server does not answer.
-
-    Local stores (sqlite, file, postgres...) are not probed here: they fail fast on their own.
-    Any HTTP answer below 500 counts as reachable (an auth proxy may answer 401 to /health).
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    url = uri.rstrip("/") + "/health"
-    hint = (f"Is `mlflow server` running there and reachable from this machine? Check "
-            f"MLFLOW_TRACKING_URI (now {uri!r}); unset it to use the local SQLite store "
-            f"./{DEFAULT_DB_NAME}.")
-    try:
-        response = requests.get(url, timeout=timeout_s)
-    except requests.RequestException as err:
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}: "
-            f"{_short(err)}). {hint}"
-        ) from None
-    if response.status_code >= 500:
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} answered {response.status_code} on /health. {hint}"
-        )
-
-
-def _short(err: BaseException, limit: int = 200) -> str:
-    text = str(err)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-_limits_lock = threading.Lock()
-_limits_depth = 0
-_limits_set: list[str] = []
-
-
-@contextlib.contextmanager
-def http_limits() -> Iterator[None]:
-    """Cap MLflow's HTTP retries/timeouts while inside (re-entrant, thread-safe).
-
-    Only variables the user has not set are touched, and they are removed again when the last
-    concurrent user leaves (the Prefect flow runs probe and finetune in threads).
-    """
-    global _limits_depth
-    with _limits_lock:
-        if _limits_depth == 0:
-            for key, value in HTTP_LIMITS.items():
-                if key not in os.environ:
-                    os.environ[key] = value
-                    _limits_set.append(key)
-        _limits_depth += 1
-    try:
-        yield
-    finally:
-        with _limits_lock:
-            _limits_depth -= 1
-            if _limits_depth == 0:
-                for key in _limits_set:
-                    os.environ.pop(key, None)
-                _limits_set.clear()
-
-
-def connect(experiment: str | None = None, *, check: bool = True) -> tuple[MlflowClient, str]:
-    """Point MLflow at the resolved URI, make sure the experiment exists; return client, id.
-
-    ``check`` probes an http server first, so an unreachable one fails in seconds and before
-    anything is written locally.
-    """
-    uri = resolve_tracking_uri()
-    if check:
-        check_tracking_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    name = experiment or os.environ.get(ENV_EXPERIMENT) or DEFAULT_EXPERIMENT
-    return client, _ensure_experiment(client, name, uri)
-
-
-def _ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            client.restore_experiment(found.experiment_id)
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
-    except MlflowException:
-        # Another stage process created it between our lookup and create.
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 # ----------------------------------------------------------------------------- lineage facts
@@ -276,86 +158,6 @@ def read_data_digest(prepared_dir: str | Path) -> str | None:
         return None
     return json.loads(path.read_text()).get("digest")
 
-
-# ----------------------------------------------------------------------------- metric logging
-
-
-class MLflowLogger:
-    """:class:`pilamim.callbacks.Logger` that batches metrics into few ``log_batch`` calls.
-
-    Metrics are buffered and sent when ``flush_every_s`` has passed since the last send or the
-    buffer holds ``max_buffer`` values (MLflow takes at most 1000 per batch), and on
-    :meth:`flush`/:meth:`close`. So a training loop may call :meth:`log_metrics` every step
-    without waiting on the tracking store. If the store fails mid-run the logger warns once
-    and drops further metrics: training output matters more than its curves.
-    """
-
-    def __init__(self, run_id: str, client: MlflowClient | None = None, *,
-                 flush_every_s: float = 5.0, max_buffer: int = 1000,
-                 artifact_dirs: Mapping[str, str] | None = None) -> None:
-        self.run_id = run_id
-        self.client = client or MlflowClient()
-        self.flush_every_s = flush_every_s
-        self.max_buffer = min(max_buffer, 1000)
-        # File suffix -> artifact sub folder, so figures and JSON land in tidy places.
-        self.artifact_dirs = dict(artifact_dirs or {".png": "figures", ".jpg": "figures",
-                                                     ".json": "metrics", ".csv": "curves"})
-        self._buffer: list[Metric] = []
-        self._last_flush = time.monotonic()
-        self._lock = threading.Lock()
-        self._broken = False
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now_ms = int(time.time() * 1000)
-        with self._lock:
-            if self._broken:
-                return
-            for key, value in metrics.items():
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    continue
-                self._buffer.append(Metric(key=key, value=number, timestamp=now_ms,
-                                           step=int(step)))
-            due = time.monotonic() - self._last_flush >= self.flush_every_s
-            if due or len(self._buffer) >= self.max_buffer:
-                self._flush_locked()
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if artifact_path is None:
-            artifact_path = self.artifact_dirs.get(path.suffix.lower())
-        try:
-            if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as err:  # noqa: BLE001 - see class docstring
-            self._warn(f"could not log artifact {path}: {_short(err)}")
-
-    def flush(self) -> None:
-        with self._lock:
-            self._flush_locked()
-
-    def close(self) -> None:
-        self.flush()
-
-    def _flush_locked(self) -> None:
-        self._last_flush = time.monotonic()
-        while self._buffer and not self._broken:
-            chunk, self._buffer = self._buffer[:self.max_buffer], self._buffer[self.max_buffer:]
-            try:
-                self.client.log_batch(self.run_id, metrics=chunk)
-            except Exception as err:  # noqa: BLE001 - see class docstring
-                self._broken = True
-                self._buffer.clear()
-                self._warn(f"MLflow metric logging failed, further metrics of run {self.run_id} "
-                           f"are not sent (the stage's CSV/JSON outputs still are): "
-                           f"{_short(err)}")
-
-    def _warn(self, message: str) -> None:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        log.warning(message)
 
 
 # ----------------------------------------------------------------------------- stage runs

@@ -1,4 +1,4 @@
-"""The four library stages through the real CLI, as a user runs them, on tiny settings."""
+"""The library stages through the real CLI, as a user runs them, on tiny settings."""
 
 import json
 import subprocess
@@ -34,6 +34,9 @@ def test_stage_before_its_inputs_names_the_stage_to_run_first(tmp_path):
     done = _pilamim(tmp_path, "probe")
     assert done.returncode == 1 and "pilamim prepare" in done.stderr
     assert "Traceback" not in done.stderr
+    done = _pilamim(tmp_path, "prepare")
+    assert done.returncode == 1 and "pilamim fetch" in done.stderr, done.stderr
+    assert _pilamim(tmp_path, "fetch").returncode == 0
     assert _pilamim(tmp_path, "prepare").returncode == 0
     for stage in ("probe", "finetune"):
         done = _pilamim(tmp_path, stage)
@@ -43,7 +46,7 @@ def test_stage_before_its_inputs_names_the_stage_to_run_first(tmp_path):
 @pytest.mark.slow
 def test_prepare_pretrain_probe_finetune_through_the_cli(tmp_path):
     _tiny_params(tmp_path)
-    for stage in ("prepare", "pretrain", "probe", "finetune"):
+    for stage in ("fetch", "prepare", "pretrain", "probe", "finetune"):
         done = _pilamim(tmp_path, stage)
         assert done.returncode == 0, f"{stage}: {done.stderr[-2000:]}"
     manifest = (tmp_path / "data/prepared/manifest.csv").read_text().splitlines()

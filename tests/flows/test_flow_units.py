@@ -12,17 +12,16 @@ from mlflow.exceptions import MlflowException
 from prefect.exceptions import ParameterTypeError
 from prefect.states import Completed, Failed
 
+from flows.isolation import execute_isolated
 from flows.pipeline import (
     FLOW_NAME,
     STAGE_TASKS,
-    execute_isolated,
-    is_transient,
     pilamim_pipeline,
     read_metrics,
-    retry_transient,
     stage_cache_key,
     sync_params,
 )
+from flows.retry import is_transient, retry_transient
 from pilamim.config import Params, ParamsError, load_params
 from pilamim.data.errors import DataError
 from pilamim.stages import STAGES

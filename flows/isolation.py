@@ -1,0 +1,84 @@
+"""Run a stage in its own Python process: own RNGs, thread pool and MLflow run stack."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flows.retry import _chain
+from pilamim.config import Params
+
+
+class StageProcessError(RuntimeError):
+    """A stage process ended without reporting a result (killed, out of memory, crashed)."""
+
+
+_CHILD_CODE = ("import sys; from flows.isolation import _stage_process; "
+               "_stage_process(*sys.argv[1:])")
+
+
+def execute_isolated(stage: str, params: Params, threads: int | None = None) -> dict[str, Any]:
+    """``runner.execute(stage, params)`` in a fresh Python process; its result or its error.
+
+    Own process = own RNGs, own torch thread pool, own MLflow run stack, so two stages running
+    at once give exactly what each gives alone. The process inherits this one's environment
+    (MLflow URI, parent-run id), working directory and ``sys.path``. A plain subprocess, not
+    ``multiprocessing``: spawn re-imports the caller's ``__main__``, which breaks scripts that
+    call the flow without an ``if __name__ == "__main__"`` guard. Errors come back as
+    themselves, with their ``__cause__`` chain, so :func:`is_transient` can judge them.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"pilamim-{stage}-") as tmp:
+        job, reply = Path(tmp) / "job.pkl", Path(tmp) / "reply.pkl"
+        job.write_bytes(pickle.dumps((stage, params, threads)))
+        # -P + PYTHONPATH = exactly this process's sys.path ('' is the working directory)
+        path = os.pathsep.join(p or os.getcwd() for p in sys.path)
+        env = {**os.environ, "PYTHONPATH": path}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        done = subprocess.run([sys.executable, "-P", "-c", _CHILD_CODE, str(job), str(reply)],
+                              env=env)
+        if not reply.exists():
+            raise StageProcessError(f"the {stage} process exited with code {done.returncode} "
+                                    "before reporting a result (killed? out of memory?)")
+        ok, value = pickle.loads(reply.read_bytes())
+    if ok:
+        return value
+    for err, cause in itertools.pairwise(value):
+        err.__cause__ = cause
+    raise value[0]
+
+
+def _stage_process(job: str, reply: str) -> None:
+    """Child side of :func:`execute_isolated`: run the stage, pickle its result or errors."""
+    stage, params, threads = pickle.loads(Path(job).read_bytes())
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from pilamim.stages.runner import execute
+
+    try:
+        answer: tuple[bool, Any] = (True, execute(stage, params))
+    except Exception as err:  # noqa: BLE001 - sent back to the parent, raised there
+        answer = (False, [_picklable(e) for e in _chain(err)])
+    Path(reply + ".tmp").write_bytes(pickle.dumps(answer))
+    os.replace(reply + ".tmp", reply)
+
+
+def _picklable(err: BaseException) -> BaseException:
+    try:
+        return pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001 - keep type name and message at least
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def _threads_per_process(concurrent: int) -> int:
+    """Split this machine's cores between the concurrent stage processes (at least 1 each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // concurrent)
