@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -48,10 +49,12 @@ SERVER_FIXTURES = frozenset(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse (before anything starts) tests that use a server fixture without the marker."""
+    here = Path(__file__).parent  # other folders have their own fixtures of the same names
     unmarked = [
         item.nodeid
         for item in items
-        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(here)
+        and SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         and item.get_closest_marker("integration") is None
     ]
     if unmarked:
