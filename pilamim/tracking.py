@@ -211,15 +211,18 @@ def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None =
     """Open the MLflow run of one stage; yields a :class:`StageRun`.
 
     ``groups`` defaults to :data:`STAGE_GROUPS` for the stage. ``parent_run_id`` defaults to
-    env ``PILAMIM_PARENT_RUN_ID`` and ``pipeline_tag`` to env ``PILAMIM_PIPELINE_ID`` (a new
-    id when neither is set). An inherited ``MLFLOW_RUN_ID`` is ignored (MLflow would silently
+    env ``PILAMIM_PARENT_RUN_ID`` and ``pipeline_tag`` to env ``PILAMIM_PIPELINE_ID``; when
+    neither is set (stages run one by one, e.g. by ``dvc repro``) it is a lineage id from the git
+    commit and the hash of all params, so the stages of one configuration share it. An
+    inherited ``MLFLOW_RUN_ID`` is ignored (MLflow would silently
     resume that run instead of creating ours). The run ends FINISHED, or FAILED when the body
     raises; buffered metrics are flushed either way.
     """
     used = tuple(groups) if groups is not None else STAGE_GROUPS.get(stage_name, tuple(GROUPS))
     parent_run_id = parent_run_id or os.environ.get(ENV_PARENT_RUN_ID) or None
-    pipeline_id = pipeline_tag or os.environ.get(ENV_PIPELINE_ID) or uuid.uuid4().hex
     commit, dirty = git_info()
+    pipeline_id = (pipeline_tag or os.environ.get(ENV_PIPELINE_ID)
+                   or f"lineage-{commit[:12]}-{params_hash(params)[:12]}")
     tags = {
         TAG_STAGE: stage_name,
         TAG_PIPELINE_ID: pipeline_id,

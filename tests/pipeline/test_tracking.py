@@ -100,6 +100,18 @@ def test_system_metrics_are_recorded(params):
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
 
 
+def test_stage_runs_started_one_by_one_share_a_lineage_pipeline_id(params, monkeypatch):
+    """Separate processes (dvc repro) with the same code and params get one pipeline tag."""
+    monkeypatch.delenv(tracking.ENV_PIPELINE_ID, raising=False)
+    monkeypatch.delenv(tracking.ENV_PARENT_RUN_ID, raising=False)
+    with tracking.stage_run("prepare", params, log_system_metrics=False) as first:
+        pass
+    with tracking.stage_run("probe", params, log_system_metrics=False) as second:
+        pass
+    assert first.pipeline_id == second.pipeline_id
+    assert first.pipeline_id.startswith("lineage-")
+
+
 def test_child_runs_link_to_the_pipeline_and_ignore_inherited_run_id(params, monkeypatch):
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "flow-run-42")
     with tracking.pipeline_run(params, pipeline_id="pipe-1") as parent:
