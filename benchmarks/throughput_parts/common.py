@@ -22,7 +22,8 @@ STEP_DEFAULTS: dict[str, Any] = dict(
     mode="step", size="base", preset="pilamim", img_size=224, patch_size=16, batch=256,
     precision="auto", compile=False, compile_mode=None, decoder_depth=6, decoder_width=384,
     decoder_heads=12, mask_ratio=0.75, accum=1, steps=30, warmup=5, device="auto", seed=0,
-    flop_batch=None, loss_match=True, peak_tflops=None, label=None,
+    flop_batch=None, loss_match=True, peak_tflops=None, profile=False, patch_matmul=True,
+    label=None,
 )
 DATA_DEFAULTS: dict[str, Any] = dict(
     mode="data", data=None, pipeline="cpu", workers=8, batch=256, img_size=224, batches=16,
@@ -34,7 +35,11 @@ PIPELINES = ("cpu", "gpu", "gpu-loop")
 def _resolve_device(name: str) -> torch.device:
     from pilamim.device import resolve_device
 
-    return resolve_device(name)
+    device = resolve_device(name)
+    if device.type == "cuda":  # an explicit index, and an allocator that memory stats accept
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.zeros(1, device=device)
+    return device
 
 
 

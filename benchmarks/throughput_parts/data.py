@@ -215,6 +215,11 @@ def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
     device = _resolve_device(s["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # Workers start ``prefetch_factor`` (2) batches each at once; timing fewer batches than are
+    # in flight would time work done before the clock started (the first GPU run's 15-worker
+    # figure was inflated this way). Warm up through one full round, then time two more.
+    s["warmup_batches"] = max(s["warmup_batches"], 2 * s["workers"])
+    s["batches"] = max(s["batches"], 4 * s["workers"])
     loader, produce = _data_loader(s, device)
     t0 = time.perf_counter()
     batches = iter(loader)
@@ -233,7 +238,8 @@ def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
     out = {"device": str(device), "images": n, "seconds": elapsed,
            "images_per_s": n / elapsed, "startup_s": startup, "shape": list(x.shape),
            "batch_mean": float(x.mean()), "batch_std": float(x.std()),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "warmup_batches": s["warmup_batches"],
+           "timed_batches": s["batches"]}
     out["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
                            if device.type == "cuda" else None)
     del batches, loader, x

@@ -64,13 +64,49 @@ def build_encoder(params: ModelParams, in_chans: int, **overrides: Any) -> nn.Mo
     return encoder
 
 
-def encode_visible(encoder: nn.Module, images: torch.Tensor,
-                   ids_keep: torch.Tensor) -> torch.Tensor:
+def patch_tokens(encoder: nn.Module, images: torch.Tensor,
+                 ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch embeddings plus position embeddings, (B, N or K, D), of the kept patches only when
+    ``ids_keep`` is given.
+
+    The patch conv (kernel = stride = patch) is one linear map per patch, so it runs as a matmul
+    on gathered pixels: the encoder embeds only the visible quarter, and neither encoder pays
+    the conv's NCHW -> NHWC layout conversions on the GPU. The weights stay timm's conv weights.
+    """
+    embed = encoder.patch_embed
+    p = embed.patch_size[0]
+    b, c, h, w = images.shape
+    pixels = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    pixels = pixels.reshape(b, (h // p) * (w // p), c * p * p)  # (c, row, col): the conv's order
+    pos = encoder.pos_embed.expand(b, -1, -1)
+    if ids_keep is not None:
+        pixels, pos = gather_tokens(pixels, ids_keep), gather_tokens(pos, ids_keep)
+    x = nn.functional.linear(pixels, embed.proj.weight.flatten(1), embed.proj.bias)
+    return embed.norm(x) + pos
+
+
+def _with_cls(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([encoder.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def encode_visible(encoder: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor,
+                   patch_matmul: bool = True) -> torch.Tensor:
     """Run only [CLS] + the kept patches through the blocks: (B, 1 + K, D) after the final norm.
 
     Position embeddings are added before dropping patches, so kept tokens keep their place.
+    ``patch_matmul=False`` embeds every patch with timm's conv first (the reference path).
     """
-    x = encoder.patch_embed(images) + encoder.pos_embed
-    x = gather_tokens(x, ids_keep)
-    x = torch.cat([encoder.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    if patch_matmul:
+        x = patch_tokens(encoder, images, ids_keep)
+    else:
+        x = gather_tokens(encoder.patch_embed(images) + encoder.pos_embed, ids_keep)
+    return encoder.norm(encoder.blocks(encoder.norm_pre(_with_cls(encoder, x))))
+
+
+def encode_full(encoder: nn.Module, images: torch.Tensor,
+                patch_matmul: bool = True) -> torch.Tensor:
+    """timm's ``forward_features`` (B, 1 + N, D), with the patch embedding as a matmul."""
+    if not patch_matmul:
+        return encoder.forward_features(images)
+    x = _with_cls(encoder, patch_tokens(encoder, images))
     return encoder.norm(encoder.blocks(encoder.norm_pre(x)))

@@ -35,11 +35,14 @@ def _run(*args: str, timeout: float = 600) -> tuple[int, list[dict]]:
 
 
 def test_analytic_flops_match_the_issue():
-    """ViT-B/16 at 224: PiLaMIM 89.46 GFLOP per image (fwd + bwd), MAE (decoder 8x512) 58.46."""
-    pilamim = bench.analytic_flops("base", "pilamim", 224, 16, 6, 384)
+    """ViT-B/16 at 224: PiLaMIM 89.46 GFLOP per image (fwd + bwd), MAE (decoder 8x512) 58.46,
+    with every patch embedded (timm's conv); embedding only the visible ones saves 0.35."""
+    pilamim = bench.analytic_flops("base", "pilamim", 224, 16, 6, 384, patch_matmul=False)
     assert pilamim["total"] / 1e9 == pytest.approx(89.46, abs=0.01)
     assert pilamim["target_forward"] / 1e9 == pytest.approx(35.13, abs=0.01)
-    mae = bench.analytic_flops("base", "mae", 224, 16, 8, 512)
+    fast = bench.analytic_flops("base", "pilamim", 224, 16, 6, 384)
+    assert (pilamim["total"] - fast["total"]) / 1e9 == pytest.approx(0.35, abs=0.01)
+    mae = bench.analytic_flops("base", "mae", 224, 16, 8, 512, patch_matmul=False)
     assert mae["total"] / 1e9 == pytest.approx(58.46, abs=0.01)
     assert "target_forward" not in mae and "latent_decoder" not in mae
 
@@ -86,7 +89,9 @@ def test_data_mode_makes_jpegs_and_times_pipelines(tmp_path):
     assert [d["setting"]["pipeline"] for d in data] == ["cpu", "gpu"]
     for d in data:
         assert d["ok"], d.get("traceback")
-        assert d["images_per_s"] > 0 and d["images"] == 8
+        # warm-up and timed batches grow with the workers, so nothing in flight is timed
+        assert d["warmup_batches"] >= 2 * 1 and d["timed_batches"] >= 4 * 1
+        assert d["images_per_s"] > 0 and d["images"] == 4 * d["timed_batches"]
         assert d["shape"] == [4, 3, 32, 32]
         assert abs(d["batch_mean"]) < 1.5 and 0.2 < d["batch_std"] < 3
 
@@ -129,7 +134,9 @@ def test_gpu_suite_settings_are_valid(capsys):
     """The GPU matrix: every step setting is valid params; --only filters it by label."""
     suite = bench.gpu_suite("/tmp/j", cpu_count=16)
     labels = [s["label"] for s in suite]
-    assert labels[-2:] == ["pilamim-b16-bf16-compiled", "mae-b16-dec8x512-bf16-compiled"]
+    assert labels[:3] == ["pilamim-b16-bf16-eager", "mae-b16-dec8x512-bf16-eager",
+                          "pilamim-b16-bf16-compiled"]  # the headline settings first
+    assert labels[-1] == "mae-b16-dec8x512-bf16-compiled"
     assert "data-cpu-15w" in labels and "data-gpu-roi-4w" in labels
     for s in suite:
         if s["mode"] == "step":

@@ -111,3 +111,30 @@ def test_xavier_init_option_changes_linear_init():
     torch.manual_seed(0)
     b = build_pilamim(micro_model_params(init="torch"), in_chans=1)
     assert not torch.all(b.encoder.blocks[0].mlp.fc1.bias == 0)
+
+
+def test_patch_embedding_as_matmul_equals_timm_conv():
+    """The fast path (embed gathered pixels by a matmul) is the same function as timm's conv:
+    the encoder's visible tokens, the target's full tokens, the loss and the gradients."""
+    from pilamim.model.encoder import encode_full, encode_visible
+
+    torch.manual_seed(0)
+    model = build_pilamim(micro_model_params(), in_chans=3)
+    images, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    ids_keep = model.draw_mask(noise).ids_keep
+    fast = encode_visible(model.encoder, images, ids_keep, patch_matmul=True)
+    conv = encode_visible(model.encoder, images, ids_keep, patch_matmul=False)
+    torch.testing.assert_close(fast, conv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encode_full(model.target, images),
+                               model.target.forward_features(images), atol=1e-5, rtol=1e-5)
+
+    def loss_and_grad(patch_matmul: bool):
+        model.zero_grad()
+        model.patch_matmul = patch_matmul
+        loss = model(images, noise).loss
+        loss.backward()
+        return loss.detach(), model.encoder.patch_embed.proj.weight.grad.clone()
+
+    (loss_fast, grad_fast), (loss_conv, grad_conv) = loss_and_grad(True), loss_and_grad(False)
+    torch.testing.assert_close(loss_fast, loss_conv, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_conv, atol=1e-6, rtol=1e-4)
