@@ -18,7 +18,7 @@ repository root: the flow reads ``params/`` and writes ``data/``, ``models/``, `
    or **deploy to a process work pool** (a worker runs each flow run in a subprocess)::
 
        prefect work-pool create --type process pilamim-process
-       prefect deploy --all                       # reads prefect.yaml
+       prefect deploy --name nightly              # reads prefect.yaml
        #   or: python -m flows.deploy --pool pilamim-process
        prefect worker start --pool pilamim-process
 

@@ -84,6 +84,9 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
     params = load_params(args.params, args.overrides)
     if args.command == "run":
         from flows.pipeline import pilamim_pipeline
+        from flows.prefect_api import check_prefect_api
+
+        check_prefect_api()
 
         return pilamim_pipeline(params=params, params_dir=args.params, force=args.force)
     from pilamim.stages.runner import execute

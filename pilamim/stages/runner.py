@@ -7,6 +7,7 @@ behaves and is tracked the same way whoever starts it.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,10 +40,13 @@ def scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def execute(stage: str, params: Params, *, track: bool = True) -> dict[str, Any]:
-    """Run ``stage``; with ``track`` (the default) inside its own MLflow run."""
+    """Run ``stage``; with ``track`` (the default) inside its own MLflow run.
+
+    Under torchrun only rank 0 records: one stage run per job, not one per process.
+    """
     module = stage_module(stage)
     check_inputs(stage, params)
-    if not track:
+    if not track or int(os.environ.get("RANK", "0")) != 0:
         return module.run(params, None)
 
     from pilamim import tracking  # MLflow is a heavy import: only when tracking

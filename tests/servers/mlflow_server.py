@@ -60,17 +60,19 @@ def mlflow_server(
     workers: int = 1,
     job_execution: bool = False,
     timeout: float = START_TIMEOUT_S,
+    port: int | None = None,
 ) -> Iterator[MlflowServer]:
     """Run ``mlflow server`` on a free 127.0.0.1 port until the ``with`` block ends.
 
     Defaults: a SQLite store and a local artifact folder inside ``tmp_dir``. ``s3_env``
-    (e.g. ``S3Server.env()``) is added to the server's environment only.
+    (e.g. ``S3Server.env()``) is added to the server's environment only. ``port`` restarts a
+    stopped server where its clients expect it.
     """
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     backend_store_uri = backend_store_uri or f"sqlite:///{tmp_dir / 'mlflow.db'}"
     artifacts_destination = artifacts_destination or str(tmp_dir / "artifacts")
-    port = free_port()
+    port = port or free_port()
     cmd = [
         mlflow_executable(), "server",
         "--host", "127.0.0.1", "--port", str(port),

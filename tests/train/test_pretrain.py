@@ -156,3 +156,36 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, tiny_prepared):
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-5, k
     assert json.loads((two / "metrics/pretrain.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_sigkill_then_restart_matches_uninterrupted_ddp_run(tmp_path, tiny_prepared):
+    """Resume under DDP: torchrun (2 gloo processes) killed with its whole process group after
+    the first checkpoint, started again with the same command, ends on the same weights as an
+    uninterrupted 2-process run; only rank 0 wrote checkpoints."""
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    common = dict(epochs=2, batch_size=4, checkpoint_every_steps=3, figure_every_epochs=0)
+    cmd, env = _cli(full_dir, micro_run_params(full_dir, tiny_prepared, **common), world=2)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common), world=2)
+    ckpt = cut_dir / "models/pretrain/checkpoint.pt"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    total = torch.load(full_dir / "models/pretrain/checkpoint.pt", weights_only=True)["step"]
+    assert 0 < killed_at < total, "the kill must land mid-run for this test to mean anything"
+    cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common), world=2)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(full_dir), _weights(cut_dir)
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+    # rank 0 alone writes: one checkpoint (plus its atomic-write leftovers: none)
+    assert sorted(p.name for p in ckpt.parent.glob("*checkpoint*")) == ["checkpoint.pt"]
