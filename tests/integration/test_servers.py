@@ -7,14 +7,13 @@ The pipeline's own integration tests build on the same fixtures (tests/integrati
 from __future__ import annotations
 
 import os
-import textwrap
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MLFLOW_BUCKET, WORK_POOL
+from tests.integration.conftest import MLFLOW_BUCKET
 from tests.servers._process import free_port, http_ok
 
 pytestmark = pytest.mark.integration
@@ -223,25 +222,4 @@ def test_prefect_server_runs_a_flow_to_completed(prefect_api):
     assert stored.state is not None and stored.state.is_completed()
 
 
-def test_process_worker_runs_a_deployment(prefect_api, prefect_process_worker, tmp_path):
-    from prefect import flow
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    source = tmp_path / "flow_src"
-    source.mkdir()
-    (source / "smoke_flow.py").write_text(textwrap.dedent('''
-        import os
-        from prefect import flow
-
-        @flow(name="integration-worker-smoke")
-        def report() -> str:
-            # The worker hands its environment to flow runs.
-            return os.environ["MLFLOW_TRACKING_URI"]
-    '''))
-    with temporary_settings(updates={PREFECT_API_URL: prefect_api.api_url}):
-        loaded = flow.from_source(source=str(source), entrypoint="smoke_flow.py:report")
-        loaded.deploy(name="smoke", work_pool_name=WORK_POOL, print_next_steps=False)
-        run = run_deployment("integration-worker-smoke/smoke", timeout=120)
-    assert run.state is not None and run.state.is_completed(), (
-        f"{run.state!r}; worker log: {prefect_process_worker.log_path}")
+# The process worker running a real deployment end to end: test_pipeline_topology.py.
