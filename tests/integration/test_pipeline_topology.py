@@ -26,8 +26,8 @@ import pytest
 from pilamim.config import dump_params
 from tests.flows.support import FOREIGN_ENV, REPO, make_dvc_repo, tiny_params
 from tests.integration.conftest import DATA_BUCKET, WORK_POOL
-from tests.servers._process import free_port
 from tests.servers.mlflow_server import mlflow_server
+from tests.servers.prefect_server import prefect_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -177,44 +177,46 @@ def test_deployed_pipeline_completes_and_its_champion_loads_through_the_server(
 # -- servers down, as the pipeline sees them -------------------------------------------------
 
 
-def test_stopped_servers_give_clear_errors_lose_nothing_and_the_rerun_completes(
-        tmp_path, prefect_api):
-    """MLflow server stopped after pretraining, then the Prefect API unreachable: each error
-    names the endpoint and what to check, within seconds; pretraining's outputs stay as they
-    were; with the server back (same port, same store) the rerun finishes only what is left."""
+def test_stopped_servers_give_clear_errors_lose_nothing_and_the_rerun_completes(tmp_path):
+    """Its own MLflow and Prefect servers, really stopped: MLflow after pretraining, then
+    Prefect. Each error names the endpoint and what to check, within seconds; pretraining's
+    outputs stay as they were; with both servers back (same ports, same stores) the rerun
+    finishes only what is left."""
     name = f"pilamim-outage-{uuid.uuid4().hex[:8]}"
     repo = _pipeline_repo(tmp_path / "repo", name)
-    ml_dir = tmp_path / "mlflow"
+    ml_dir, pf_dir = tmp_path / "mlflow", tmp_path / "prefect"
     cli = [sys.executable, "-m", "pilamim.cli"]
-    with mlflow_server(ml_dir) as ml:
-        uri, port = ml.tracking_uri, ml.port
-        env = _env(tmp_path, MLFLOW_TRACKING_URI=uri, PREFECT_API_URL=prefect_api.api_url)
-        done = _run([sys.executable, "-m", "dvc", "repro", "pretrain"], repo, env)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    saved = _digests(repo, "data", "models", "metrics")
-    saved["dvc.lock"] = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
-    assert any(k.endswith("checkpoint.pt") for k in saved)
+    with prefect_server(pf_dir) as pf:
+        pf_port, api = pf.port, pf.api_url
+        with mlflow_server(ml_dir) as ml:
+            uri, ml_port = ml.tracking_uri, ml.port
+            env = _env(tmp_path, MLFLOW_TRACKING_URI=uri, PREFECT_API_URL=api)
+            done = _run([sys.executable, "-m", "dvc", "repro", "pretrain"], repo, env)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        saved = _digests(repo, "data", "models", "metrics")
+        saved["dvc.lock"] = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
+        assert any(k.endswith("checkpoint.pt") for k in saved)
 
-    # MLflow down: the pipeline stops in seconds, naming the server.
-    t0 = time.monotonic()
-    down = _run([*cli, "run"], repo, env)
-    assert down.returncode == 1, down.stdout[-2000:] + down.stderr[-2000:]
-    assert time.monotonic() - t0 < 120
-    assert f"MLflow tracking server {uri} is unreachable" in down.stderr
-    assert "MLFLOW_TRACKING_URI" in down.stderr
+        # MLflow stopped: the flow stops in seconds, naming the server.
+        t0 = time.monotonic()
+        down = _run([*cli, "run"], repo, env)
+        assert down.returncode == 1, down.stdout[-2000:] + down.stderr[-2000:]
+        assert time.monotonic() - t0 < 120
+        assert f"MLflow tracking server {uri} is unreachable" in down.stderr
+        assert "MLFLOW_TRACKING_URI" in down.stderr
 
-    # Prefect down: refused before any stage starts.
-    dead_api = f"http://127.0.0.1:{free_port()}/api"
-    no_prefect = _run([*cli, "run"], repo, {**env, "PREFECT_API_URL": dead_api})
+    # Prefect stopped too: refused before any stage starts.
+    no_prefect = _run([*cli, "run"], repo, env)
     assert no_prefect.returncode == 1
-    assert f"Prefect API {dead_api} is unreachable" in no_prefect.stderr
+    assert f"Prefect API {api} is unreachable" in no_prefect.stderr
     assert "PREFECT_API_URL" in no_prefect.stderr
 
     now = _digests(repo, "data", "models", "metrics")
     now["dvc.lock"] = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
     assert now == saved, "a failed run changed what was already saved"
 
-    with mlflow_server(ml_dir, port=port) as ml:  # back, same port and store
+    # Both back on their ports, with their stores: the rerun completes what is left.
+    with prefect_server(pf_dir, port=pf_port), mlflow_server(ml_dir, port=ml_port) as ml:
         done = _run([*cli, "run"], repo, env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summary = json.loads(done.stdout[done.stdout.index("{"):])

@@ -88,8 +88,10 @@ def prefect_server(
     database_url: str | None = None,
     ui: bool = False,
     timeout: float = START_TIMEOUT_S,
+    port: int | None = None,
 ) -> Iterator[PrefectServer]:
-    """Run ``prefect server start`` on a free 127.0.0.1 port until the ``with`` block ends.
+    """Run ``prefect server start`` on a free 127.0.0.1 port until the ``with`` block ends;
+    ``port`` (and the same ``tmp_dir``) restarts a stopped server where its clients expect it.
 
     ``database_url`` (e.g. ``postgresql+asyncpg://...``) replaces the default SQLite file in
     the server's own PREFECT_HOME. The UI is off unless asked for (it costs startup time).
@@ -97,7 +99,7 @@ def prefect_server(
     tmp_dir = Path(tmp_dir)
     home = tmp_dir / "server-home"
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     extra = {"PREFECT_SERVER_UI_ENABLED": "true" if ui else "false"}
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
