@@ -49,8 +49,9 @@ class CSVLogger:
     """Appends rows with a fixed set of columns (the ones DVC plots draw) to a CSV file.
 
     Metric ``prefix + column`` fills ``column``. The file is started fresh unless
-    ``resume_from_step`` is set; then rows at or past that step are dropped, so a resumed run
-    does not duplicate them.
+    ``resume_from_step`` (the checkpoint's step) is set; then rows past that step are dropped:
+    the checkpoint holds the work up to and including its step, so a resumed run logs from the
+    next step on and neither loses nor duplicates a row.
     """
 
     def __init__(self, path: str | Path, columns: Iterable[str], step_name: str = "step",
@@ -62,7 +63,7 @@ class CSVLogger:
         kept: list[dict[str, str]] = []
         if resume_from_step is not None and self.path.exists():
             with open(self.path, newline="") as handle:
-                kept = [r for r in csv.DictReader(handle) if int(r[step_name]) < resume_from_step]
+                kept = [r for r in csv.DictReader(handle) if int(r[step_name]) <= resume_from_step]
         with open(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
             writer.writeheader()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # One thread per process: tiny models gain nothing from more, and tests that start
 # subprocesses (DDP, CLI stages) would otherwise oversubscribe the 2 cores.
@@ -17,6 +18,20 @@ from pilamim.config import ModelParams  # noqa: E402
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 torch.set_num_threads(1)
+
+
+# Test folders whose tests share a session-scoped server (S3, PostgreSQL + MLflow, Prefect):
+# under ``pytest -n N --dist loadgroup`` each folder runs on one worker, so each server starts
+# once, as without xdist; everything else spreads over the workers.
+SERVER_GROUPS = ("data", "dvc", "flows", "integration")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(tests_dir).parts[0]
+        if folder in SERVER_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(folder))
 
 
 def micro_model_params(**changes) -> ModelParams:

@@ -11,6 +11,7 @@ from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.train import pretrain
 from pilamim.train.checkpoint import CHECKPOINT
+from pilamim.train.distributed import launch_rank
 
 CURVE_COLUMNS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "lr", "feature_std")
 
@@ -33,8 +34,11 @@ def _resume_step(out_dir: Path) -> int | None:
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     p = params.pretrain
     out = Path(p.out_dir)
-    curve = CSVLogger(p.plots_path, CURVE_COLUMNS, prefix="pretrain/",
-                      resume_from_step=_resume_step(out))
+    # Under torchrun only rank 0 writes rows; any other rank rewriting the file would race it.
+    curve: Logger = NullLogger()
+    if launch_rank() == 0:
+        curve = CSVLogger(p.plots_path, CURVE_COLUMNS, prefix="pretrain/",
+                          resume_from_step=_resume_step(out))
     summary = pretrain(params, MultiLogger(curve, logger or NullLogger()))
     if logger is not None:
         for path in (Path(p.plots_path), out / "encoder.json", Path(p.metrics_path)):

@@ -24,6 +24,14 @@ class DistInfo:
         return self.world > 1
 
 
+def launch_rank() -> int:
+    """This process's global rank as torchrun set it (0 when not launched by torchrun).
+
+    Readable before the process group exists, so stage code can decide who writes files.
+    """
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_name: str) -> DistInfo:
     """Join the process group torchrun described (nccl on CUDA, gloo on CPU), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -137,64 +137,66 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
                     desc="pretrain", unit="step", dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay readable
 
-    for epoch in range(step // plan.steps_per_epoch, p.epochs):
-        done_in_epoch = step - epoch * plan.steps_per_epoch
-        sampler.set_epoch(epoch, start=done_in_epoch * p.accum_steps * p.batch_size)
-        loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=p.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        batches = iter(loader)
-        model.train()
-        for _ in range(done_in_epoch, plan.steps_per_epoch):
-            micro = (images.to(device, non_blocking=True)
-                     for images, _labels in itertools.islice(batches, p.accum_steps))
-            result = train_step(micro, step, want_grad_norm=(step + 1) % p.log_every_steps == 0)
-            for k, v in result.losses.items():
-                sums[k] += v
-                epoch_sums[k] += v
-            counted += p.accum_steps
-            epoch_counted += p.accum_steps
-            step += 1
-            images_since += plan.global_batch
-            progress.update(1)
+    try:  # a failed step (non-finite loss, interrupt) must not leave the bar open
+        for epoch in range(step // plan.steps_per_epoch, p.epochs):
+            done_in_epoch = step - epoch * plan.steps_per_epoch
+            sampler.set_epoch(epoch, start=done_in_epoch * p.accum_steps * p.batch_size)
+            loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=p.num_workers, pin_memory=device.type == "cuda",
+                                persistent_workers=False)
+            batches = iter(loader)
+            model.train()
+            for _ in range(done_in_epoch, plan.steps_per_epoch):
+                micro = (images.to(device, non_blocking=True)
+                         for images, _labels in itertools.islice(batches, p.accum_steps))
+                result = train_step(micro, step, want_grad_norm=(step + 1) % p.log_every_steps == 0)
+                for k, v in result.losses.items():
+                    sums[k] += v
+                    epoch_sums[k] += v
+                counted += p.accum_steps
+                epoch_counted += p.accum_steps
+                step += 1
+                images_since += plan.global_batch
+                progress.update(1)
 
-            # On CPU a sync is free, so check every step; on GPU only when we read values.
-            at_log = step % p.log_every_steps == 0 or step == plan.total_steps
-            at_ckpt = step % p.checkpoint_every_steps == 0 or step == plan.total_steps
-            if at_log or at_ckpt or device.type == "cpu":
-                _check_finite(sums["loss"], step, ckpt_path, last_saved)
-            if at_log:
-                elapsed = time.perf_counter() - t_log
-                metrics = {k: (sums[k] / counted).item() for k in LOSS_TERMS
-                           if k == "loss" or sums[k].item() != 0.0}
-                metrics.update(lr=result.lr, ema_momentum=result.momentum, epoch=epoch,
-                               images_per_s=images_since / max(elapsed, 1e-9))
-                if result.grad_norm is not None:
-                    metrics["grad_norm"] = float(result.grad_norm)
-                if info.is_main:
-                    logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, step)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                         img_s=f"{metrics['images_per_s']:.0f}")
-                for v in sums.values():
-                    v.zero_()
-                counted, images_since, t_log = 0, 0, time.perf_counter()
-            if at_ckpt:
-                checkpoint(step)
-                last_saved = step
+                # On CPU a sync is free, so check every step; on GPU only when we read values.
+                at_log = step % p.log_every_steps == 0 or step == plan.total_steps
+                at_ckpt = step % p.checkpoint_every_steps == 0 or step == plan.total_steps
+                if at_log or at_ckpt or device.type == "cpu":
+                    _check_finite(sums["loss"], step, ckpt_path, last_saved)
+                if at_log:
+                    elapsed = time.perf_counter() - t_log
+                    metrics = {k: (sums[k] / counted).item() for k in LOSS_TERMS
+                               if k == "loss" or sums[k].item() != 0.0}
+                    metrics.update(lr=result.lr, ema_momentum=result.momentum, epoch=epoch,
+                                   images_per_s=images_since / max(elapsed, 1e-9))
+                    if result.grad_norm is not None:
+                        metrics["grad_norm"] = float(result.grad_norm)
+                    if info.is_main:
+                        logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, step)
+                        progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                             img_s=f"{metrics['images_per_s']:.0f}")
+                    for v in sums.values():
+                        v.zero_()
+                    counted, images_since, t_log = 0, 0, time.perf_counter()
+                if at_ckpt:
+                    checkpoint(step)
+                    last_saved = step
 
-        epoch_metrics = {f"pretrain/epoch_{k}": (epoch_sums[k] / max(epoch_counted, 1)).item()
-                         for k in LOSS_TERMS}
-        for v in epoch_sums.values():
-            v.zero_()
-        epoch_counted = 0
-        if info.is_main:
-            if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
-                epoch_metrics.update(_knn_monitor(model, prepared, params, device))
-            logger.log_metrics(epoch_metrics, step)
-            if figure_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
-                logger.log_artifact(_save_figure(model, figure_batch, params, prepared, epoch,
-                                                 out_dir))
-    progress.close()
+            epoch_metrics = {f"pretrain/epoch_{k}": (epoch_sums[k] / max(epoch_counted, 1)).item()
+                             for k in LOSS_TERMS}
+            for v in epoch_sums.values():
+                v.zero_()
+            epoch_counted = 0
+            if info.is_main:
+                if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
+                    epoch_metrics.update(_knn_monitor(model, prepared, params, device))
+                logger.log_metrics(epoch_metrics, step)
+                if figure_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
+                    logger.log_artifact(_save_figure(model, figure_batch, params, prepared, epoch,
+                                                     out_dir))
+    finally:
+        progress.close()
     if step != last_saved:
         checkpoint(step)
     barrier(info)

@@ -1,5 +1,6 @@
 """The pretraining loop for real on the tiny embedded data: loss, outputs, resume, NaN, DDP."""
 
+import csv
 import json
 import os
 import signal
@@ -183,3 +184,8 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
         assert (a[k] - b[k]).abs().max().item() < 1e-6, k
     # rank 0 alone writes: one checkpoint (plus its atomic-write leftovers: none)
     assert sorted(p.name for p in ckpt.parent.glob("*checkpoint*")) == ["checkpoint.pt"]
+    # and one loss curve: the resumed job's steps are the uninterrupted job's, none twice
+    def steps(workdir):
+        with open(workdir / "plots" / "pretrain.csv", newline="") as handle:
+            return [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps(cut_dir) == steps(full_dir) and len(steps(full_dir)) > 1
