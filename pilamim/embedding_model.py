@@ -1,6 +1,6 @@
 """MLflow pyfunc model: a batch of raw images in, one embedding per image out.
 
-Logged by :func:`pilamim.registry.log_encoder_model` as a "model from code": MLflow copies this
+Logged by :func:`pilamim.model_logging.log_encoder_model` as a "model from code": MLflow copies this
 file into the model and runs it at load time, so it must stay self-contained (numpy, torch,
 timm, safetensors and mlflow only; no ``pilamim`` imports). The weights travel as the model's
 artifacts ``encoder_weights`` (``encoder.safetensors``) and ``encoder_config``

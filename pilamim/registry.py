@@ -1,7 +1,8 @@
 """Register the pretrained encoder in the MLflow Model Registry and gate its promotion.
 
 The register step (:func:`register`) reads the stage outputs from files, logs the encoder as
-two MLflow models in the ``register`` run, registers one version and decides its alias:
+two MLflow models in the ``register`` run (:mod:`pilamim.model_logging`), registers one
+version and decides its alias:
 
 * ``encoder`` — PyTorch flavour (pickle format, so any batch size loads), the one registered
   under ``params/register.yaml: model_name``. ``mlflow.pytorch.load_model(uri)`` gives the
@@ -24,21 +25,17 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 
-from pilamim import tracking
+from pilamim import data_lineage, tracking
 from pilamim.config import Params, RegisterParams
-from pilamim.embedding_model import load_timm_encoder
 from pilamim.io import atomic_write_json
+from pilamim.model_logging import log_encoder_model, read_encoder_config
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -54,8 +51,6 @@ METRIC_SOURCES: dict[str, tuple[str, str, str]] = {
 }
 METRIC_TAG_PREFIX = "metric."
 
-# Packages the logged models need at load time (pinned to what logged them).
-REQUIRED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "safetensors", "cloudpickle")
 
 
 class RegistryError(LookupError):
@@ -152,74 +147,6 @@ def read_eval_metrics(rp: RegisterParams) -> dict[str, float]:
         raise ValueError(f"{gate_path}: {gate_key}={metrics[rp.gate_metric]} is not a fraction "
                          f"in [0, 1]; floor/min_improvement in params/register.yaml assume one")
     return metrics
-
-
-def read_encoder_config(encoder_dir: str | Path) -> dict[str, Any]:
-    """``encoder.json`` of an exported encoder; missing -> "run `pilamim pretrain` first"."""
-    folder = Path(encoder_dir)
-    weights, config = folder / "encoder.safetensors", folder / "encoder.json"
-    if not weights.exists() or not config.exists():
-        raise FileNotFoundError(f"{folder} has no encoder.safetensors + encoder.json — "
-                                f"run `pilamim pretrain` first")
-    return json.loads(config.read_text())
-
-
-def pip_requirements() -> list[str]:
-    """Exact versions of :data:`REQUIRED_PACKAGES` as installed (local tags like +cu128 cut)."""
-    reqs = []
-    for name in REQUIRED_PACKAGES:
-        try:
-            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
-        except metadata.PackageNotFoundError:
-            reqs.append(name)
-    return reqs
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-@dataclass(frozen=True)
-class LoggedEncoder:
-    model_uri: str            # PyTorch flavour, registered
-    embedder_uri: str         # pyfunc over raw uint8 images
-    feature_dim: int
-    input_shape: tuple[int, int, int]   # C, H, W
-
-
-def log_encoder_model(encoder_dir: str | Path, *, name: str = "encoder",
-                      embedder_name: str = "embedder") -> LoggedEncoder:
-    """Log the exported encoder into the active run as the two models of the module docstring.
-
-    Signatures and input examples are numpy; the input example has batch 2 and the batch
-    dimension is -1, so any batch size loads and predicts.
-    """
-    folder = Path(encoder_dir)
-    cfg = read_encoder_config(folder)
-    chans, size, dim = int(cfg["in_chans"]), int(cfg["img_size"]), int(cfg["feature_dim"])
-    encoder = load_timm_encoder(folder / "encoder.safetensors", cfg)
-    reqs = pip_requirements()
-    out_schema = Schema([TensorSpec(np.dtype(np.float32), (-1, dim))])
-
-    torch_sig = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, chans, size, size))]),
-        outputs=out_schema)
-    torch_info = mlflow.pytorch.log_model(
-        encoder, name=name, serialization_format="pickle", signature=torch_sig,
-        input_example=np.zeros((2, chans, size, size), np.float32), pip_requirements=reqs,
-        metadata={"pilamim_encoder": cfg},
-    )
-    embed_sig = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, chans))]),
-        outputs=out_schema)
-    embed_info = mlflow.pyfunc.log_model(
-        name=embedder_name,
-        python_model=str(Path(__file__).with_name("embedding_model.py")),
-        artifacts={"encoder_weights": str(folder / "encoder.safetensors"),
-                   "encoder_config": str(folder / "encoder.json")},
-        signature=embed_sig, input_example=np.zeros((2, size, size, chans), np.uint8),
-        pip_requirements=reqs, metadata={"pilamim_encoder": cfg},
-    )
-    return LoggedEncoder(torch_info.model_uri, embed_info.model_uri, dim, (chans, size, size))
 
 
 # ----------------------------------------------------------------------------- registry
@@ -378,7 +305,7 @@ def register(params: Params) -> dict[str, Any]:
     rp = params.register
     metrics = read_eval_metrics(rp)
     read_encoder_config(rp.encoder_dir)
-    digest = tracking.read_data_digest(rp.data_dir)
+    digest = data_lineage.read_data_digest(rp.data_dir)
     if mlflow.active_run() is not None:
         active = mlflow.active_run()
         tags = active.data.tags
@@ -393,7 +320,7 @@ def _register_in_run(params: Params, metrics: dict[str, float], digest: str | No
     rp = params.register
     client = MlflowClient()
     if digest is not None:
-        tracking.log_dataset_input(rp.data_dir, context="registration")
+        data_lineage.log_dataset_input(rp.data_dir, context="registration")
     mlflow.log_metrics(metrics)
     logged = log_encoder_model(rp.encoder_dir)
     commit, dirty = tracking.git_info()

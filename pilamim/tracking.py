@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -63,11 +62,11 @@ __all__ = [
     "check_tracking_reachable", "connect", "default_tracking_uri", "http_limits",
     "resolve_tracking_uri",
     # defined here
-    "ENV_PARENT_RUN_ID", "ENV_PIPELINE_ID", "MAX_MLFLOW_DIGEST", "STAGE_GROUPS",
+    "ENV_PARENT_RUN_ID", "ENV_PIPELINE_ID", "STAGE_GROUPS",
     "TAG_DATA_DIGEST", "TAG_GIT_COMMIT", "TAG_GIT_DIRTY", "TAG_PARAMS_HASH", "TAG_PIPELINE_ID",
     "TAG_PREFECT_FLOW_RUN", "TAG_PREFECT_TASK_RUN", "TAG_STAGE", "StageRun", "flatten_params",
-    "git_info", "log_dataset_input", "params_dict", "params_hash", "pipeline_run",
-    "prefect_ids", "read_data_digest", "run_url", "stage_run",
+    "git_info", "params_dict", "params_hash", "pipeline_run",
+    "prefect_ids", "run_url", "stage_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,15 +148,6 @@ def prefect_ids() -> dict[str, str]:
         except Exception as err:  # noqa: BLE001 - lineage is best effort, never fatal
             log.debug("no Prefect run context: %s", err)
     return ids
-
-
-def read_data_digest(prepared_dir: str | Path) -> str | None:
-    """``digest`` from ``<prepared_dir>/dataset.json``, None when the file is absent."""
-    path = Path(prepared_dir) / "dataset.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("digest")
-
 
 
 # ----------------------------------------------------------------------------- stage runs
@@ -335,42 +325,3 @@ def run_url(run: StageRun) -> str | None:
     if not uri.startswith(("http://", "https://")):
         return None
     return f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
-
-
-# ----------------------------------------------------------------------------- dataset input
-
-
-# MLflow stores a dataset digest in 36 characters at most; the full digest goes in a tag.
-MAX_MLFLOW_DIGEST = 36
-
-
-def log_dataset_input(prepared_dir: str | Path, name: str = "prepared",
-                      context: str = "training") -> str:
-    """Log ``<prepared_dir>/manifest.csv`` as the active run's dataset input; returns the digest.
-
-    The dataset is the manifest (path, label, split, sha256 per image); its digest is
-    ``dataset.json``'s ``digest`` (so every run of one data version shows the same one; MLflow
-    keeps 36 characters, the full digest is in the input tag ``pilamim.full_digest`` and the
-    run tag ``pilamim.data_digest``) and its source is the image root from ``dataset.json``.
-    """
-    import pandas as pd
-
-    prepared = Path(prepared_dir)
-    manifest, meta_path = prepared / "manifest.csv", prepared / "dataset.json"
-    if not manifest.exists() or not meta_path.exists():
-        raise FileNotFoundError(
-            f"{prepared} has no manifest.csv/dataset.json — run `pilamim prepare` first"
-        )
-    meta = json.loads(meta_path.read_text())
-    digest = str(meta["digest"])
-    frame = pd.read_csv(manifest)
-    root = meta.get("root") or str(prepared)
-    source = root if "://" in str(root) else str(Path(root).resolve())
-    with warnings.catch_warnings():
-        # MLflow 3.17 registers its local-file source class twice and warns it is ambiguous.
-        warnings.filterwarnings("ignore", message="The specified dataset source can be")
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label",
-                                          digest=digest[:MAX_MLFLOW_DIGEST])
-    mlflow.log_input(dataset, context=context, tags={"pilamim.full_digest": digest})
-    mlflow.set_tag(TAG_DATA_DIGEST, digest)
-    return digest

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pilamim.callbacks import Logger
 from pilamim.io import atomic_write, atomic_write_json
 
 
@@ -103,3 +104,23 @@ def summary_scalars(result: dict) -> dict[str, float]:
             out.update({f"{split}_{k}": v for k, v in values.items()
                         if k in ("top1", "top5", "loss", "knn_top1", "knn_top5")})
     return out
+
+
+def save_eval_outputs(metrics: dict[str, Any], classes: Sequence[str], dataset_digest: str,
+                      out_dir: str | Path, metrics_path: str | Path, plots_path: str | Path,
+                      logger: Logger) -> None:
+    """What every evaluation stage leaves behind, written atomically and logged as artifacts.
+
+    ``<out_dir>/report.json`` keeps everything (per-class accuracy, confusion matrices) and
+    ``metrics_path`` the scalars DVC compares; the test split's confusion matrix becomes a PNG.
+    The digest ties the numbers to the data version they were measured on.
+    """
+    out = Path(out_dir)
+    if "test" in metrics:
+        logger.log_artifact(save_confusion_matrix_png(
+            metrics["test"]["confusion_matrix"], classes, out / "confusion_matrix.png"))
+    metrics["dataset_digest"] = dataset_digest
+    write_metrics_json(out / "report.json", metrics)
+    write_metrics_json(metrics_path, summary_scalars(metrics))
+    for path in (Path(metrics_path), Path(plots_path), out / "report.json"):
+        logger.log_artifact(path)

@@ -13,11 +13,7 @@ from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
 from pilamim.device import resolve_device
 from pilamim.evaluate.finetune import finetune_transform, run_finetune
-from pilamim.evaluate.metrics import (
-    save_confusion_matrix_png,
-    summary_scalars,
-    write_metrics_json,
-)
+from pilamim.evaluate.metrics import save_eval_outputs
 from pilamim.model.export import export_encoder, read_spec
 
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
@@ -53,12 +49,6 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     export_encoder(model, spec["model_name"], kwargs, out, stem="classifier",
                    extra={"classes": prepared.classes, "mean": list(prepared.mean),
                           "std": list(prepared.std)})
-    if "test" in metrics:
-        logger.log_artifact(save_confusion_matrix_png(
-            metrics["test"]["confusion_matrix"], prepared.classes, out / "confusion_matrix.png"))
-    metrics["dataset_digest"] = prepared.digest
-    write_metrics_json(out / "report.json", metrics)  # per-class accuracy, confusion matrices
-    write_metrics_json(p.metrics_path, summary_scalars(metrics))
-    for path in (Path(p.metrics_path), Path(p.plots_path), out / "report.json"):
-        logger.log_artifact(path)
+    save_eval_outputs(metrics, prepared.classes, prepared.digest, out, p.metrics_path,
+                      p.plots_path, logger)
     return metrics

@@ -14,11 +14,7 @@ from pilamim.data.prepared import load_prepared
 from pilamim.data.transforms import eval_transform, pretrain_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
-from pilamim.evaluate.metrics import (
-    save_confusion_matrix_png,
-    summary_scalars,
-    write_metrics_json,
-)
+from pilamim.evaluate.metrics import save_eval_outputs
 from pilamim.model.export import load_encoder, read_spec
 
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
@@ -52,13 +48,6 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     metrics = run_linear_probe(encoder, train, evals, prepared.classes, p,
                                resolve_device(p.device), MultiLogger(curve, logger),
                                knn_train_ds=knn_bank, head_path=out / "head.pt")
-    if "test" in metrics:
-        png = save_confusion_matrix_png(metrics["test"]["confusion_matrix"], prepared.classes,
-                                        out / "confusion_matrix.png")
-        logger.log_artifact(png)
-    metrics["dataset_digest"] = prepared.digest
-    write_metrics_json(out / "report.json", metrics)  # per-class accuracy, confusion matrices
-    write_metrics_json(p.metrics_path, summary_scalars(metrics))
-    for path in (Path(p.metrics_path), Path(p.plots_path), out / "report.json"):
-        logger.log_artifact(path)
+    save_eval_outputs(metrics, prepared.classes, prepared.digest, out, p.metrics_path,
+                      p.plots_path, logger)
     return metrics

@@ -49,19 +49,19 @@ def execute(stage: str, params: Params, *, track: bool = True) -> dict[str, Any]
     if not track or int(os.environ.get("RANK", "0")) != 0:
         return module.run(params, None)
 
-    from pilamim import tracking  # MLflow is a heavy import: only when tracking
+    from pilamim import data_lineage, tracking  # MLflow is a heavy import: only when tracking
 
     data_dir = module.data_dir(params)
     # prepare makes the data set: the digest on disk before it runs is the old one
-    digest = tracking.read_data_digest(data_dir) if data_dir and stage != "prepare" else None
+    digest = data_lineage.read_data_digest(data_dir) if data_dir and stage != "prepare" else None
     with tracking.stage_run(stage, params, groups=STAGE_GROUPS[stage],
                             dataset_digest=digest) as run:
         if digest:
-            tracking.log_dataset_input(data_dir)
+            data_lineage.log_dataset_input(data_dir)
         result = module.run(params, run.logger)
         if stage == "prepare":  # its output is the data set: record it as this run's input
             run.set_tags({tracking.TAG_DATA_DIGEST: result["digest"]})
-            tracking.log_dataset_input(data_dir, context="prepare")
+            data_lineage.log_dataset_input(data_dir, context="prepare")
         run.log_metrics(scalars(result, stage))
     result["mlflow_run_id"] = run.run_id
     return result

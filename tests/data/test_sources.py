@@ -15,9 +15,9 @@ from pilamim.config import DataParams
 from pilamim.data.errors import DataError
 from pilamim.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from pilamim.data.prepare import prepare
+from pilamim.data.s3_source import S3_STATE
 from pilamim.data.sources import (
     MARKER,
-    S3_STATE,
     _atomic_folder,
     encode_gray_png,
     materialize,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pilamim import registry, tracking
+from pilamim import data_lineage, registry, tracking
 from pilamim.config import Params
 
 from .conftest import free_port, write_metrics, write_prepared
@@ -149,7 +149,7 @@ def test_separate_processes_share_the_pipeline_tag(params, monkeypatch):
 def test_dataset_input_carries_the_prepared_digest(tmp_path, params):
     digest = write_prepared(tmp_path / "data" / "prepared")
     with tracking.stage_run("pretrain", params, log_system_metrics=False) as run:
-        assert tracking.log_dataset_input(tmp_path / "data" / "prepared") == digest
+        assert data_lineage.log_dataset_input(tmp_path / "data" / "prepared") == digest
     got = MlflowClient().get_run(run.run_id)
     (inp,) = got.inputs.dataset_inputs
     assert inp.dataset.digest == digest[:36] and inp.dataset.name == "prepared"
@@ -157,7 +157,7 @@ def test_dataset_input_carries_the_prepared_digest(tmp_path, params):
     assert {t.key: t.value for t in inp.tags}["pilamim.full_digest"] == digest
     assert got.data.tags["pilamim.data_digest"] == digest
     with pytest.raises(FileNotFoundError, match="run `pilamim prepare` first"):
-        tracking.log_dataset_input(tmp_path / "missing")
+        data_lineage.log_dataset_input(tmp_path / "missing")
 
 
 def test_http_limits_are_scoped_and_respect_the_user(monkeypatch):
