@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 # One thread per process: tiny models gain nothing from more, and tests that start
 # subprocesses (DDP, CLI stages) would otherwise oversubscribe the 2 cores.
@@ -20,18 +19,24 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 torch.set_num_threads(1)
 
 
-# Test folders whose tests share a session-scoped server (S3, PostgreSQL + MLflow, Prefect):
-# under ``pytest -n N --dist loadgroup`` each folder runs on one worker, so each server starts
-# once, as without xdist; everything else spreads over the workers.
-SERVER_GROUPS = ("data", "dvc", "flows", "integration")
+# Session-scoped servers, and the xdist group of every test that uses one (directly or
+# through another fixture): under ``pytest -n N --dist loadgroup`` each group runs on one
+# worker, so each server starts once, as without xdist; every other test spreads over the
+# workers. First match wins: the integration suite's ``s3_server`` comes from ``_topology``.
+SERVER_GROUPS = {
+    "_topology": "topology",        # tests/integration: S3 + PostgreSQL + MLflow + Prefect
+    "prefect_harness": "prefect",   # tests/flows: a temporary Prefect server
+    "dvc_repo": "dvc", "s3_images": "dvc",  # tests/dvc: a repo after one `dvc repro`, S3
+    "s3_server": "data-s3",         # tests/data: SeaweedFS
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    tests_dir = Path(__file__).parent
     for item in items:
-        folder = item.path.relative_to(tests_dir).parts[0]
-        if folder in SERVER_GROUPS:
-            item.add_marker(pytest.mark.xdist_group(folder))
+        used = set(getattr(item, "fixturenames", ()))
+        group = next((g for name, g in SERVER_GROUPS.items() if name in used), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def micro_model_params(**changes) -> ModelParams:
