@@ -9,10 +9,11 @@ FLOPs per image (``torch.utils.flop_counter`` over one full eager step), MFU, ho
 inside one step, and ``loss_match``: the optimised (bf16 / compiled) step's loss against a plain
 eager fp32 forward of the same weights, images and mask.
 
-Data mode times the input pipeline alone on a folder of JPEGs (``--make-jpegs`` writes one):
-the loop's own ``ManifestDataset`` + ``pretrain_transform`` in DataLoader workers with pinned
-memory, then host->device; or, on a GPU, raw JPEG bytes read in workers and decoded +
-cropped + resized on the GPU for the whole batch at once.
+Data mode times the input pipeline alone on a folder of JPEGs (``--make-jpegs`` writes one),
+built by the loop's own :func:`pilamim.data.pretrain_input.pretrain_input` (the three
+``pretrain.input_pipeline`` choices): ``pil`` = ``ManifestDataset`` + ``pretrain_transform`` in
+DataLoader workers with pinned memory, then host->device; ``device`` / ``device_bicubic`` = raw
+bytes read in workers, decoded + cropped + resized on the GPU for the whole batch at once.
 
 Usage (``python -m benchmarks.throughput -h`` lists every flag; benchmarks/README.md explains
 the fields)::
@@ -21,7 +22,7 @@ the fields)::
         --steps 2 --warmup 1 --precision fp32 --no-compile
     python -m benchmarks.throughput --suite gpu --out results.jsonl --budget-s 480
     python -m benchmarks.throughput --make-jpegs 2048 /tmp/jpegs
-    python -m benchmarks.throughput --data /tmp/jpegs --pipeline cpu,gpu --workers 8,15
+    python -m benchmarks.throughput --data /tmp/jpegs --pipeline pil,device --workers 8,15
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from benchmarks.throughput_parts.common import (  # noqa: E402
     PIPELINES,
     STEP_DEFAULTS,
 )
-from benchmarks.throughput_parts.data import GpuCropResize, _data_loader  # noqa: E402
+from benchmarks.throughput_parts.data import _data_loader  # noqa: E402
 from benchmarks.throughput_parts.flops import analytic_flops  # noqa: E402
 from benchmarks.throughput_parts.jpegs import make_jpegs  # noqa: E402
 from benchmarks.throughput_parts.step import _params  # noqa: E402
@@ -59,7 +60,7 @@ from benchmarks.throughput_parts.suite import (  # noqa: E402
 )
 
 # Names used by callers and tests of ``benchmarks.throughput`` (their homes: throughput_parts).
-__all__ = ["DATA_DEFAULTS", "STEP_DEFAULTS", "GpuCropResize", "_data_loader", "_params",
+__all__ = ["DATA_DEFAULTS", "STEP_DEFAULTS", "_data_loader", "_params",
            "analytic_flops", "build_parser", "gpu_suite", "main", "make_jpegs", "run_setting",
            "settings_from_args", "summarize"]
 
@@ -113,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input pipeline")
     g.add_argument("--data", metavar="DIR", default=None,
                    help="time the input pipeline alone on DIR/<class>/*.JPEG")
-    g.add_argument("--pipeline", type=_csv(str), default=["cpu"],
-                   help=f"comma list of {', '.join(PIPELINES)}: cpu = ManifestDataset + "
-                        "pretrain_transform in workers; gpu = bytes in workers, decode_jpeg + "
-                        "roi_align crop on the GPU; gpu-loop = same with per-image bicubic")
+    g.add_argument("--pipeline", type=_csv(str), default=["pil"],
+                   help=f"comma list of {', '.join(PIPELINES)} (pretrain.input_pipeline): pil = "
+                        "ManifestDataset + pretrain_transform in workers; device = bytes in "
+                        "workers, decode_jpeg + roi_align crop on the GPU; device_bicubic = same "
+                        "with per-image bicubic")
     g.add_argument("--workers", type=_csv(int), default=[DATA_DEFAULTS["workers"]],
                    help="comma list of DataLoader worker counts")
     g.add_argument("--data-batches", type=int, default=DATA_DEFAULTS["batches"])

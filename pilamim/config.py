@@ -124,6 +124,10 @@ class PretrainParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
+    input_pipeline: Literal["pil", "device", "device_bicubic"] = Field(
+        "pil", description="pil: workers decode with PIL, bicubic crop (MAE's); device: workers "
+        "read bytes, the training device decodes (nvJPEG on CUDA) and crops with roi_align; "
+        "device_bicubic: same, antialiased bicubic per image")
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     checkpoint_every_steps: int = Field(200, ge=1)

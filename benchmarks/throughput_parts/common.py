@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from pilamim.data.pretrain_input import PIPELINES as PIPELINES  # re-exported for the CLI
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Dense bf16 peak of one H100 SXM / H200 (the figure the MFU column uses).
@@ -26,10 +28,10 @@ STEP_DEFAULTS: dict[str, Any] = dict(
     label=None,
 )
 DATA_DEFAULTS: dict[str, Any] = dict(
-    mode="data", data=None, pipeline="cpu", workers=8, batch=256, img_size=224, batches=16,
+    mode="data", data=None, pipeline="pil", workers=8, batch=256, img_size=224, batches=16,
     warmup_batches=2, device="auto", seed=0, label=None,
+    train=None,  # a dict of step settings: every batch also goes through that training step
 )
-PIPELINES = ("cpu", "gpu", "gpu-loop")
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -1,4 +1,4 @@
-"""Data mode: the input pipeline alone, the loop's CPU one or JPEG decoding on the GPU."""
+"""Data mode: the pretraining loop's input pipelines alone (PIL workers, or decoding on the GPU)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from benchmarks.throughput_parts.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PIPELINES,
+    STEP_DEFAULTS,
     _free,
     _resolve_device,
     _sync,
@@ -46,166 +47,50 @@ class RepeatedEpochs(torch.utils.data.Sampler):
         return self.total
 
 
-class JpegCrops(torch.utils.data.Dataset):
-    """For GPU decoding: a worker reads the file's bytes and draws its RandomResizedCrop box and
-    flip from the JPEG header alone, seeded by ``(index, seed)`` like ``ManifestDataset`` (so the
-    augmentation stays a function of the sample, whatever the worker)."""
-
-    def __init__(self, paths: list[Path], scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        self.paths, self.scale, self.ratio = paths, scale, ratio
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: tuple[int, int]):
-        import numpy as np
-        from PIL import Image
-        from torchvision.transforms import RandomResizedCrop
-
-        from pilamim.data.dataset import augmentation_seed
-
-        index, seed = key
-        path = self.paths[index]
-        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-        with Image.open(path) as header, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(augmentation_seed(index, seed))
-            top, left, h, w = RandomResizedCrop.get_params(header, list(self.scale),
-                                                           list(self.ratio))
-            flip = bool(torch.rand(1) < 0.5)
-        return data, (left, top, left + w, top + h), flip
-
-
-def collate_jpeg_crops(batch):
-    """One packed byte buffer + lengths (one shared-memory transfer per batch), boxes, flips."""
-    datas, boxes, flips = zip(*batch, strict=True)
-    lengths = torch.tensor([len(d) for d in datas])
-    return (torch.cat(datas), lengths, torch.tensor(boxes, dtype=torch.float32),
-            torch.tensor(flips))
-
-
-class GpuCropResize:
-    """Decode a batch of JPEGs on the device and crop-resize-flip-normalise it in a few kernels.
-
-    ``method='roi'``: images are gathered into one edge-replicated canvas, then one
-    ``torchvision.ops.roi_align`` crops and resizes every box
-    (bilinear, averaging ceil(box/out) samples per output pixel: antialiased on downscale; not
-    bit-equal to PIL bicubic). ``method='loop'``: per image ``F.interpolate(bicubic,
-    antialias=True)`` in a Python loop (torchvision's tensor RandomResizedCrop, exactly).
-    """
-
-    def __init__(self, img_size: int, device: torch.device, method: str = "roi",
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, max_canvas: int = 2**27) -> None:
-        self.size, self.device, self.method, self.max_canvas = img_size, device, method, max_canvas
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-
-    def decode(self, buf: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        datas = list(torch.split(buf, lengths.tolist()))
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
-
-    def __call__(self, buf: torch.Tensor, lengths: torch.Tensor, boxes: torch.Tensor,
-                 flips: torch.Tensor) -> torch.Tensor:
-        images = self.decode(buf, lengths)
-        crops = self._roi(images, boxes) if self.method == "roi" else self._loop(images, boxes)
-        flips = flips.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-        crops = torch.where(flips, crops.flip(-1), crops)
-        return (crops - self.mean) / self.std
-
-    def _roi(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
-        out = torch.empty(len(images), 3, self.size, self.size, device=self.device)
-        boxes = boxes.to(self.device, non_blocking=True)
-        for chunk in self._chunks(images):
-            index = torch.tensor(chunk, device=self.device)
-            rois = torch.cat([torch.arange(len(chunk), device=self.device,
-                                           dtype=boxes.dtype)[:, None], boxes[index]], dim=1)
-            crops = roi_align(self._canvas([images[i] for i in chunk]), rois,
-                              (self.size, self.size), spatial_scale=1.0, sampling_ratio=-1,
-                              aligned=True)
-            out.index_copy_(0, index, crops)
-        return out
-
-    def _canvas(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """(B, 3, Hmax, Wmax) float, each image top-left, its edge pixels replicated outwards
-        (so bilinear samples at a crop's border never see padding): one ``cat`` and three
-        gathers, whatever the batch size, instead of a Python loop of copies."""
-        dev = self.device
-        hs, ws = [im.shape[1] for im in images], [im.shape[2] for im in images]
-        flat = torch.cat([im.reshape(-1) for im in images])
-        h = torch.tensor(hs, device=dev).view(-1, 1, 1)
-        w = torch.tensor(ws, device=dev).view(-1, 1, 1)
-        area = h * w
-        start = torch.cumsum(3 * area, 0) - 3 * area  # CHW planes, one image after another
-        y = torch.minimum(torch.arange(max(hs), device=dev).view(1, -1, 1), h - 1)
-        x = torch.minimum(torch.arange(max(ws), device=dev).view(1, 1, -1), w - 1)
-        pixel = start + y * w + x
-        return torch.stack([flat[pixel + c * area] for c in range(3)], dim=1).float()
-
-    def _chunks(self, images: list[torch.Tensor]) -> list[list[int]]:
-        """Groups of similar-sized images whose padded canvas stays under ``max_canvas``."""
-        order = sorted(range(len(images)), key=lambda i: images[i].shape[1] * images[i].shape[2])
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        hmax = wmax = 0
-        for i in order:
-            h, w = images[i].shape[1:]
-            nh, nw = max(hmax, h), max(wmax, w)
-            if current and (len(current) + 1) * 3 * nh * nw > self.max_canvas:
-                chunks.append(current)
-                current, nh, nw = [], h, w
-            current.append(i)
-            hmax, wmax = nh, nw
-        return chunks + [current] if current else chunks
-
-    def _loop(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        out = []
-        for img, (x1, y1, x2, y2) in zip(images, boxes.round().int().tolist(), strict=True):
-            crop = img[:, y1:y2, x1:x2].unsqueeze(0).float()
-            out.append(F.interpolate(crop, size=(self.size, self.size), mode="bicubic",
-                                     antialias=True, align_corners=False).clamp_(0, 255))
-        return torch.cat(out)
-
-
 def _data_loader(s: dict[str, Any], device: torch.device):
-    """(DataLoader, function batch -> normalised (B, 3, S, S) float tensor on the device)."""
+    """(DataLoader, function batch -> normalised (B, 3, S, S) float tensor on the device), built
+    by the pretraining loop's own :func:`pretrain_input` over a manifest of the JPEG folder."""
     from torch.utils.data import DataLoader
 
-    paths, labels, classes = scan_jpegs(s["data"])
-    total = (s["batches"] + s["warmup_batches"]) * s["batch"]
-    sampler = RepeatedEpochs(len(paths), total, s["seed"])
-    common = dict(batch_size=s["batch"], sampler=sampler, drop_last=True,
-                  num_workers=s["workers"], pin_memory=device.type == "cuda",
-                  persistent_workers=False)
-    if s["pipeline"] == "cpu":  # what the pretraining loop runs
-        from pilamim.data.dataset import ManifestDataset
-        from pilamim.data.prepared import PreparedDataset, Record
-        from pilamim.data.transforms import pretrain_transform
+    from pilamim.data.prepared import PreparedDataset, Record
+    from pilamim.data.pretrain_input import pretrain_input
 
-        root = Path(s["data"]).resolve()
-        records = [Record(p.relative_to(root).as_posix(), label, "train", "")
-                   for p, label in zip(paths, labels, strict=True)]
-        prepared = PreparedDataset(root=root, classes=classes, channels=3, mean=IMAGENET_MEAN,
-                                   std=IMAGENET_STD, digest="benchmark", records=records)
-        transform = pretrain_transform(s["img_size"], IMAGENET_MEAN, IMAGENET_STD)
-        dataset = ManifestDataset(prepared, "train", transform, cache=False)
-        loader = DataLoader(dataset, **common)
-
-        def to_device(batch):
-            return batch[0].to(device, non_blocking=True)
-
-        return loader, to_device
-    if device.type != "cuda" and s["device"] != "cpu":
+    if s["pipeline"] != "pil" and device.type != "cuda" and s["device"] != "cpu":
         raise RuntimeError(f"pipeline {s['pipeline']!r} decodes on the GPU and no GPU is "
                            "visible (pass --device cpu to exercise it on the CPU, for tests)")
-    gpu = GpuCropResize(s["img_size"], device, "roi" if s["pipeline"] == "gpu" else "loop")
-    loader = DataLoader(JpegCrops(paths), collate_fn=collate_jpeg_crops, **common)
-    return loader, lambda batch: gpu(*batch)
+    paths, labels, classes = scan_jpegs(s["data"])
+    root = Path(s["data"]).resolve()
+    records = [Record(p.relative_to(root).as_posix(), label, "train", "")
+               for p, label in zip(paths, labels, strict=True)]
+    prepared = PreparedDataset(root=root, classes=classes, channels=3, mean=IMAGENET_MEAN,
+                               std=IMAGENET_STD, digest="benchmark", records=records)
+    source = pretrain_input(prepared, "train", s["img_size"], (0.2, 1.0), True, s["pipeline"],
+                            device, cache=False)
+    total = (s["batches"] + s["warmup_batches"]) * s["batch"]
+    loader = DataLoader(source.dataset, batch_size=s["batch"],
+                        sampler=RepeatedEpochs(len(paths), total, s["seed"]), drop_last=True,
+                        num_workers=s["workers"], pin_memory=device.type == "cuda",
+                        persistent_workers=False, collate_fn=source.collate_fn)
+    return loader, source.to_device
+
+
+def _training(s: dict[str, Any], device: torch.device):
+    """The real training step (built as step mode builds it) fed each produced batch, so the
+    figure is what ``pilamim pretrain`` would reach on these files: loader and model together."""
+    from benchmarks.throughput_parts.step import _build
+
+    step_setting = {**STEP_DEFAULTS, **s["train"], "batch": s["batch"], "accum": 1,
+                    "img_size": s["img_size"], "device": s["device"], "seed": s["seed"]}
+    _model, step = _build(step_setting, device)
+    sums = torch.zeros((), device=device)
+    at = 0
+
+    def train(x: torch.Tensor) -> None:
+        nonlocal sums, at
+        sums = sums + step(iter([x]), at).losses["loss"]
+        at += 1
+
+    return train, lambda: bool(torch.isfinite(sums).item())
 
 
 def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
@@ -217,10 +102,19 @@ def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     # Workers start ``prefetch_factor`` (2) batches each at once; timing fewer batches than are
     # in flight would time work done before the clock started (the first GPU run's 15-worker
-    # figure was inflated this way). Warm up through one full round, then time two more.
-    s["warmup_batches"] = max(s["warmup_batches"], 2 * s["workers"])
+    # figure was inflated this way). Warm up through one full round, then time two more. With
+    # a training step, its first call (compile) lets the queue fill up: drain it first.
+    s["warmup_batches"] = max(s["warmup_batches"], (3 if s["train"] else 2) * s["workers"])
     s["batches"] = max(s["batches"], 4 * s["workers"])
-    loader, produce = _data_loader(s, device)
+    train, loss_finite = _training(s, device) if s["train"] else (None, None)
+    loader, to_device = _data_loader(s, device)
+
+    def produce(batch) -> torch.Tensor:
+        x = to_device(batch)
+        if train is not None:
+            train(x)
+        return x
+
     t0 = time.perf_counter()
     batches = iter(loader)
     for _ in range(s["warmup_batches"]):
@@ -239,9 +133,12 @@ def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
            "images_per_s": n / elapsed, "startup_s": startup, "shape": list(x.shape),
            "batch_mean": float(x.mean()), "batch_std": float(x.std()),
            "cpu_count": os.cpu_count(), "warmup_batches": s["warmup_batches"],
-           "timed_batches": s["batches"]}
+           "timed_batches": s["batches"], "loss_finite": loss_finite() if train else None}
     out["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
                            if device.type == "cuda" else None)
-    del batches, loader, x
+    del batches, loader, x, produce
+    train = None  # drops the model before _free, so its memory is returned
+    if s["train"] and s["train"].get("compile"):
+        torch._dynamo.reset()
     _free(device)
     return out

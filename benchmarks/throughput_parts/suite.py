@@ -75,11 +75,15 @@ def gpu_suite(jpeg_dir: str, cpu_count: int | None = None) -> list[dict[str, Any
         dict(pilamim, compile=False, timeout=150, label="pilamim-b16-bf16-eager"),
         dict(mae, compile=False, timeout=150, label="mae-b16-dec8x512-bf16-eager"),
         dict(pilamim, compile=True, timeout=330, label="pilamim-b16-bf16-compiled"),
-        *[dict(data, pipeline="cpu", workers=w, label=f"data-cpu-{w}w")
+        *[dict(data, pipeline="pil", workers=w, label=f"data-pil-{w}w")
           for w in sorted({max(1, cores - 1), max(1, cores // 2)}, reverse=True)],
-        dict(data, pipeline="gpu", workers=4, label="data-gpu-roi-4w"),
-        dict(data, pipeline="gpu-loop", workers=4, label="data-gpu-loop-4w"),
+        dict(data, pipeline="device", workers=4, label="data-device-4w"),
+        dict(data, pipeline="device_bicubic", workers=4, label="data-device-bicubic-4w"),
         dict(mae, compile=True, timeout=300, label="mae-b16-dec8x512-bf16-compiled"),
+        # End to end: loader + compiled pilamim step on the JPEG folder (what pretraining gets).
+        *[dict(data, pipeline=pipe, workers=w, train=dict(pilamim, compile=True), timeout=330,
+               label=f"train-{pipe}-{w}w")
+          for pipe, w in (("pil", max(1, cores - 1)), ("device", 4))],
     ]
 
 
@@ -92,8 +96,10 @@ def smoke_suite(jpeg_dir: str) -> list[dict[str, Any]]:
                 device="cpu")
     return [dict(micro, preset="pilamim", label="micro-pilamim"),
             dict(micro, preset="mae", label="micro-mae"),
-            dict(data, pipeline="cpu", workers=1, label="data-cpu-1w"),
-            dict(data, pipeline="gpu", workers=0, label="data-gpu-roi-on-cpu")]
+            dict(data, pipeline="pil", workers=1, label="data-pil-1w"),
+            dict(data, pipeline="device", workers=0, label="data-device-on-cpu"),
+            dict(data, pipeline="device", workers=0, train=dict(micro, preset="pilamim"),
+                 label="train-device-on-cpu")]
 
 
 def _environment() -> dict[str, Any]:

@@ -22,7 +22,8 @@ from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
-from pilamim.data.transforms import eval_transform, pretrain_transform
+from pilamim.data.pretrain_input import pretrain_input
+from pilamim.data.transforms import eval_transform
 from pilamim.device import resolve_device
 from pilamim.io import atomic_write_json
 from pilamim.model import PiLaMIM
@@ -38,10 +39,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left as it was."""
 
 
-# Pretrain params that do not change what the checkpoint's state means.
+# Pretrain params that do not change what the checkpoint's state means (precision, compile and
+# input_pipeline change rounding or resampling, not the recipe: a run may resume across them).
 _BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "device",
                 "checkpoint_every_steps", "log_every_steps", "figure_every_epochs",
-                "knn_every_epochs", "num_workers", "compile", "precision"}
+                "knn_every_epochs", "num_workers", "compile", "precision", "input_pipeline"}
 
 
 def _meta(params: Params, in_chans: int, plan: Plan, digest: str) -> dict[str, Any]:
@@ -89,9 +91,10 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     device = resolve_device(p.device, info.local_rank)
     prepared = load_prepared(p.data_dir)
     # Decoded-image cache only in-process: workers would each hold (and drop) their own copy.
-    train_set = ManifestDataset(prepared, "train", pretrain_transform(
-        params.model.img_size, prepared.mean, prepared.std, p.crop_scale, p.hflip),
-        cache=None if p.num_workers == 0 else False)
+    train_input = pretrain_input(prepared, "train", params.model.img_size, p.crop_scale,
+                                 p.hflip, p.input_pipeline, device,
+                                 cache=None if p.num_workers == 0 else False)
+    train_set = train_input.dataset
     model, optimizer, plan, mask_gen = build_training(params, prepared.channels, len(train_set),
                                                       info, device)
     out_dir = Path(p.out_dir)
@@ -143,12 +146,12 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
             sampler.set_epoch(epoch, start=done_in_epoch * p.accum_steps * p.batch_size)
             loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=p.num_workers, pin_memory=device.type == "cuda",
-                                persistent_workers=False)
+                                persistent_workers=False, collate_fn=train_input.collate_fn)
             batches = iter(loader)
             model.train()
             for _ in range(done_in_epoch, plan.steps_per_epoch):
-                micro = (images.to(device, non_blocking=True)
-                         for images, _labels in itertools.islice(batches, p.accum_steps))
+                micro = (train_input.to_device(batch)
+                         for batch in itertools.islice(batches, p.accum_steps))
                 result = train_step(micro, step, want_grad_norm=(step + 1) % p.log_every_steps == 0)
                 for k, v in result.losses.items():
                     sums[k] += v

@@ -62,6 +62,20 @@ def test_changed_recipe_starts_over_and_keeps_the_old_checkpoint(tmp_path, tiny_
     assert len(longer.series("pretrain/loss")) == 210 // 16
 
 
+def test_device_input_pipeline_trains_and_resumes_a_pil_run(tmp_path, tiny_prepared):
+    """input_pipeline only changes where images are decoded: a run started on the PIL pipeline
+    continues on the device pipeline (here PNGs decoded on the CPU) instead of starting over."""
+    pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=1))
+    log = MemoryLogger()
+    pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=3, input_pipeline="device",
+                              num_workers=1), log)
+    losses = log.series("pretrain/loss")
+    assert len(losses) == 2 * (210 // 16)  # epochs 2 and 3 only
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert not (tmp_path / "models/pretrain/previous-checkpoint.pt").exists()
+
+
 class _Interrupt(Exception):
     pass
 
