@@ -31,12 +31,33 @@ SERVER_GROUPS = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into "@group" ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         group = next((g for name, g in SERVER_GROUPS.items() if name in used), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+_UNGROUPED: set[str] = set()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Notice when loadgroup stopped grouping: every group would then set up its servers once
+    per worker, racing on the same state, and the suite would only get slower."""
+    if getattr(session.config.option, "loadgroup", False):
+        _UNGROUPED.update(item.nodeid for item in session.items
+                          if item.get_closest_marker("xdist_group") and "@" not in item.nodeid)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in _UNGROUPED:  # before its fixtures start any server
+        pytest.fail("--dist loadgroup is not grouping: this pytest/pytest-xdist pair ignores "
+                    "xdist_group (pytest-xdist#1386); install the dev extra's pins "
+                    "(pip install -e '.[dev]')", pytrace=False)
 
 
 def micro_model_params(**changes) -> ModelParams:
