@@ -38,6 +38,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = next((g for name, g in SERVER_GROUPS.items() if name in used), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    # Slow tests first (a stable sort keeps every module's and group's own order): xdist hands
+    # out the server groups first, then single tests in this order, so a minutes-long test no
+    # longer starts last while the other worker sits idle.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 _UNGROUPED: set[str] = set()

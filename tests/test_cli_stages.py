@@ -29,6 +29,7 @@ def _tiny_params(tmp_path):
     return params
 
 
+@pytest.mark.slow  # seven CLI processes
 def test_stage_before_its_inputs_names_the_stage_to_run_first(tmp_path):
     _tiny_params(tmp_path)
     done = _pilamim(tmp_path, "probe")
