@@ -95,6 +95,10 @@ class ModelParams(_Strict):
         return self
 
 
+# How pretraining images reach the device (pilamim.data.pretrain_input builds each one).
+InputPipeline = Literal["pil", "device", "device_bicubic"]
+
+
 class PretrainParams(_Strict):
     """``params/pretrain.yaml`` — the optimisation recipe (stage ``pretrain``)."""
 
@@ -124,7 +128,7 @@ class PretrainParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
-    input_pipeline: Literal["pil", "device", "device_bicubic"] = Field(
+    input_pipeline: InputPipeline = Field(
         "pil", description="pil: workers decode with PIL, bicubic crop (MAE's); device: workers "
         "read bytes, the training device decodes (nvJPEG on CUDA) and crops with roi_align; "
         "device_bicubic: same, antialiased bicubic per image")

@@ -16,7 +16,7 @@ image and lands within ~0.005.
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -76,8 +76,8 @@ class DeviceCropResize:
 
     def __init__(self, img_size: int, channels: int, mean, std, device: torch.device | str,
                  resize: Resize = "roi_align", max_canvas: int = 2**27) -> None:
-        if resize not in ("roi_align", "bicubic"):
-            raise ValueError(f"resize {resize!r}: one of 'roi_align', 'bicubic'")
+        if resize not in get_args(Resize):
+            raise ValueError(f"resize {resize!r}: one of {get_args(Resize)}")
         self.size, self.channels, self.resize = img_size, channels, resize
         self.device, self.max_canvas = torch.device(device), max_canvas
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
@@ -99,17 +99,12 @@ class DeviceCropResize:
 
         mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
         datas = list(torch.split(buf, lengths.tolist()))
-        is_jpeg = [bytes(d[:2].tolist()) == JPEG_MAGIC for d in datas]
-        images: list[torch.Tensor | None] = [None] * len(datas)
-        jpeg_index = [i for i, j in enumerate(is_jpeg) if j]
-        if jpeg_index:
-            decoded = decode_jpeg([datas[i] for i in jpeg_index], mode=mode, device=self.device)
-            for i, image in zip(jpeg_index, decoded, strict=True):
-                images[i] = image
-        for i, j in enumerate(is_jpeg):
-            if not j:
-                images[i] = self._decode_other(datas[i], mode).to(self.device, non_blocking=True)
-        return images  # type: ignore[return-value]
+        jpegs = [i for i, d in enumerate(datas) if bytes(d[:2].tolist()) == JPEG_MAGIC]
+        decoded = dict(zip(jpegs, decode_jpeg([datas[i] for i in jpegs], mode=mode,
+                                              device=self.device) if jpegs else [], strict=True))
+        return [decoded[i] if i in decoded else
+                self._decode_other(d, mode).to(self.device, non_blocking=True)
+                for i, d in enumerate(datas)]
 
     def _decode_other(self, data: torch.Tensor, mode) -> torch.Tensor:
         from torchvision.io import decode_image

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from pilamim.config import InputPipeline
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.device_decode import DeviceCropResize, EncodedCrops, collate_encoded
 from pilamim.data.prepared import PreparedDataset
 from pilamim.data.transforms import pretrain_transform
 
-Pipeline = Literal["pil", "device", "device_bicubic"]
-PIPELINES: tuple[str, ...] = ("pil", "device", "device_bicubic")
+PIPELINES: tuple[str, ...] = get_args(InputPipeline)
 
 
 @dataclass
@@ -28,7 +28,7 @@ class PretrainInput:
 
 
 def pretrain_input(prepared: PreparedDataset, split: str, img_size: int,
-                   crop_scale: tuple[float, float], hflip: bool, pipeline: Pipeline,
+                   crop_scale: tuple[float, float], hflip: bool, pipeline: InputPipeline,
                    device: torch.device, cache: bool | None = None) -> PretrainInput:
     """``pil``: workers decode with PIL and run ``pretrain_transform`` (MAE's bicubic crop);
     ``device``/``device_bicubic``: workers read bytes, the device decodes and crops
