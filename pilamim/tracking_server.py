@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -141,9 +142,28 @@ def connect(experiment: str | None = None, *, check: bool = True) -> tuple[Mlflo
     if check:
         check_tracking_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
     name = experiment or os.environ.get(ENV_EXPERIMENT) or DEFAULT_EXPERIMENT
-    return client, _ensure_experiment(client, name, uri)
+    with _sqlite_setup_lock(uri):  # the client's store creates (migrates) a missing database
+        client = MlflowClient(tracking_uri=uri)
+        return client, _ensure_experiment(client, name, uri)
+
+
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite store across processes.
+
+    MLflow creates a missing SQLite store by running its alembic migrations on first use; two
+    processes doing that at once (two stages started together on a fresh folder) both fail
+    with "duplicate column" or alembic version errors. Once the store exists the lock costs
+    one uncontended file lock per stage.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        yield
 
 
 def _ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:

@@ -75,6 +75,20 @@ def micro_params() -> ModelParams:
     return micro_model_params()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store_outside_the_checkout(tmp_path_factory):
+    """Stage commands a test starts without a store of its own would track into the current
+    folder's ``./mlflow.db``, i.e. the checkout, growing it on every run (and tracking into a
+    developer's own MLFLOW_TRACKING_URI would be worse). Each worker gets a private store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.getbasetemp()}/mlflow.db"
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> str:
     """The embedded data set, 30 images per class (210 train / 30 val / 60 test), prepared once."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -24,6 +26,21 @@ def test_default_uri_is_the_sqlite_file_mlflow_ui_opens(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     assert tracking.resolve_tracking_uri() == "http://tracking:5000"
     assert tracking.artifact_location("http://tracking:5000", "pilamim") is None
+
+
+@pytest.mark.slow
+def test_stages_started_together_on_a_fresh_folder_share_one_new_store(tmp_path, monkeypatch):
+    """MLflow migrates a missing SQLite store on first use; unserialised, processes doing that
+    at once all failed ("duplicate column name", alembic version errors)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    script = "from pilamim import tracking; print(tracking.connect()[1])"
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=fresh, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, not three
 
 
 def test_stage_run_records_params_tags_and_effective_params(tmp_path, params):

@@ -135,12 +135,18 @@ def _cli(workdir, params, *extra, world=1):
     return [*launcher, "pretrain", "--params", str(pdir), *extra], env
 
 
+def _run_ok(cmd, env):
+    """Run a stage command; on failure show its stderr (CalledProcessError hides it)."""
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     common = dict(epochs=3, checkpoint_every_steps=3, figure_every_epochs=0)
     cmd, env = _cli(full_dir, micro_run_params(full_dir, tiny_prepared, **common))
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    _run_ok(cmd, env)
 
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common))
     ckpt = cut_dir / "models/pretrain/checkpoint.pt"
@@ -152,7 +158,7 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < 39, "the kill must land mid-run for this test to mean anything"
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    _run_ok(cmd, env)
     a, b = _weights(full_dir), _weights(cut_dir)
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-6, k
@@ -167,11 +173,10 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
     one, full_dir, cut_dir = tmp_path / "one", tmp_path / "full", tmp_path / "cut"
     common = dict(epochs=2, accum_steps=2, checkpoint_every_steps=3, figure_every_epochs=0)
     cmd, env = _cli(one, micro_run_params(one, tiny_prepared, batch_size=8, **common))
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    _run_ok(cmd, env)
     common["batch_size"] = 4
     cmd, env = _cli(full_dir, micro_run_params(full_dir, tiny_prepared, **common), world=2)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_ok(cmd, env)
     a = load_file(str(one / "models/pretrain/encoder.safetensors"))
     b = load_file(str(full_dir / "models/pretrain/encoder.safetensors"))
     for k in a:
@@ -191,8 +196,7 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
     total = torch.load(full_dir / "models/pretrain/checkpoint.pt", weights_only=True)["step"]
     assert 0 < killed_at < total, "the kill must land mid-run for this test to mean anything"
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common), world=2)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_ok(cmd, env)
     a, b = _weights(full_dir), _weights(cut_dir)
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-6, k
