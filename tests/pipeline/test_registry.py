@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pilamim import registry
 from pilamim.config import Params
 from pilamim.embedding_model import images_to_tensor, load_timm_encoder
-from pilamim.registry import CHALLENGER, CHAMPION, decide_promotion
+from pilamim.promotion import CHALLENGER, CHAMPION, decide_promotion
 
 from .conftest import FEATURE_DIM, TINY_KWARGS, write_metrics, write_prepared
 
