@@ -98,7 +98,8 @@ def registry_client() -> MlflowClient:
     """
     uri = tracking.resolve_tracking_uri()
     tracking.check_tracking_reachable(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = tracking.sqlite_path(uri)
+    if db is not None and not db.exists():
         raise RegistryError(f"no MLflow store at {uri} — run `pilamim register` (or the "
                             f"pipeline) first, or set MLFLOW_TRACKING_URI")
     return MlflowClient(tracking_uri=uri)

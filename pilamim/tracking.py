@@ -53,6 +53,7 @@ from pilamim.tracking_server import (
     default_tracking_uri,
     http_limits,
     resolve_tracking_uri,
+    sqlite_path,
 )
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
     "DEFAULT_ARTIFACT_DIR", "DEFAULT_DB_NAME", "DEFAULT_EXPERIMENT", "ENV_EXPERIMENT",
     "HTTP_LIMITS", "MLflowLogger", "TrackingUnavailable", "artifact_location",
     "check_tracking_reachable", "connect", "default_tracking_uri", "http_limits",
-    "resolve_tracking_uri",
+    "resolve_tracking_uri", "sqlite_path",
     # defined here
     "ENV_PARENT_RUN_ID", "ENV_PIPELINE_ID", "STAGE_GROUPS",
     "TAG_DATA_DIGEST", "TAG_GIT_COMMIT", "TAG_GIT_DIRTY", "TAG_PARAMS_HASH", "TAG_PIPELINE_ID",

@@ -56,14 +56,19 @@ def resolve_tracking_uri(root: str | Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; ``None`` for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment's artifacts go: ``mlartifacts/`` beside a SQLite file.
 
     For servers (http), the server decides (``--artifacts-destination``); for other databases
     MLflow's own default applies. Returns ``None`` when MLflow should decide.
     """
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+    db = sqlite_path(tracking_uri)
+    if db is not None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
         return (db.parent / DEFAULT_ARTIFACT_DIR / safe).resolve().as_uri()
     return None
@@ -157,10 +162,10 @@ def _sqlite_setup_lock(uri: str) -> Iterator[None]:
     with "duplicate column" or alembic version errors. Once the store exists the lock costs
     one uncontended file lock per stage.
     """
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock"):
         yield
