@@ -22,7 +22,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pilamim.config import load_params
+from pilamim.params_files import load_params
 
 FLOW_NAME = "pilamim-pretrain-distributed"
 

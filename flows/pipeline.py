@@ -14,7 +14,7 @@ and records the outcome:
 * **Params live in files.** DVC reads ``params/*.yaml``, so the flow does too: with
   ``params=None`` they are loaded from ``params_dir``; a ``Params`` given to the flow (from the
   Prefect UI, a deployment or ``pilamim run --set``) that differs from the files is written
-  there first (:func:`pilamim.config.dump_params`, which rewrites the files without their
+  there first (:func:`pilamim.params_files.dump_params`, which rewrites the files without their
   comments), so DVC's view of the params and the flow's never disagree.
 * **Persisted results, cached within one flow run only.** Tasks persist their results
   (``persist_result=True``; Prefect 3 stores a result under its cache key, so ``NO_CACHE``
@@ -58,7 +58,8 @@ from flows import dvc_state
 from flows.isolation import _threads_per_process, execute_isolated
 from flows.retry import retry_transient
 from flows.summary import ARTIFACT_KEY, FINAL, _publish, summarize
-from pilamim.config import Params, ParamsError, dump_params, load_params
+from pilamim.config import Params, ParamsError
+from pilamim.params_files import dump_params, load_params
 from pilamim.stages import STAGE_GROUPS, STAGES
 
 FLOW_NAME = "pilamim-pipeline"

@@ -11,7 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pilamim.config import GROUPS, ParamsError, load_params
+from pilamim.config import GROUPS, ParamsError
+from pilamim.params_files import load_params
 from pilamim.stages import STAGE_GROUPS
 
 _DOC = {

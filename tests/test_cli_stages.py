@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pilamim.config import Params, dump_params
+from pilamim.config import Params
+from pilamim.params_files import dump_params
 
 
 def _pilamim(cwd, *args):

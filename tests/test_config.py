@@ -6,7 +6,8 @@ import sys
 import pytest
 import yaml
 
-from pilamim.config import Params, ParamsError, dump_params, load_params
+from pilamim.config import Params, ParamsError
+from pilamim.params_files import dump_params, load_params
 
 
 def _write(tmp_path, group, values):

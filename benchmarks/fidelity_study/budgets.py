@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pilamim.config import Params, ParamsError, dump_params, load_params
+from pilamim.config import Params, ParamsError
+from pilamim.params_files import dump_params, load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params"
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pilamim.config import Params, dump_params
+from pilamim.config import Params
+from pilamim.params_files import dump_params
 from tests.servers.seaweedfs import S3Server, seaweedfs_s3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

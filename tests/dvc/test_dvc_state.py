@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from flows.dvc_state import commit_stage, is_dvc_repo, stage_up_to_date
-from pilamim.config import load_params
+from pilamim.params_files import load_params
 from pilamim.stages.runner import execute
 from tests.dvc.conftest import DvcRepo
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pilamim.config import Params, dump_params
+from pilamim.config import Params
+from pilamim.params_files import dump_params
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pilamim-flow-test"

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.distributed import pretrain_distributed, torchrun_command
-from pilamim.config import dump_params
+from pilamim.params_files import dump_params
 from tests.conftest import micro_run_params
 from tests.flows.support import clear_mlflow, tracked_env
 from tests.servers._process import free_port

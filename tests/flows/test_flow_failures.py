@@ -16,7 +16,8 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
-from pilamim.config import ParamsError, dump_params
+from pilamim.config import ParamsError
+from pilamim.params_files import dump_params
 from tests.flows.support import EXPERIMENT, clear_mlflow, tiny_params, tracked_env
 
 

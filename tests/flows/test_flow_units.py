@@ -22,8 +22,9 @@ from flows.pipeline import (
     sync_params,
 )
 from flows.retry import is_transient, retry_transient
-from pilamim.config import Params, ParamsError, load_params
+from pilamim.config import Params, ParamsError
 from pilamim.data.errors import DataError
+from pilamim.params_files import load_params
 from pilamim.stages import STAGES
 from pilamim.stages.runner import MissingInputError
 from pilamim.tracking import TrackingUnavailable

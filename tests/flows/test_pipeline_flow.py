@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
-from pilamim.config import load_params
+from pilamim.params_files import load_params
 from pilamim.stages import STAGES
 from tests.flows.support import clear_mlflow, dvc, make_dvc_repo, tiny_params, tracked_env
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pilamim.config import dump_params
+from pilamim.params_files import dump_params
 from tests.flows.support import FOREIGN_ENV, REPO, make_dvc_repo, tiny_params
 from tests.integration.conftest import DATA_BUCKET, WORK_POOL
 from tests.servers.mlflow_server import mlflow_server

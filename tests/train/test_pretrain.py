@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pilamim.callbacks import MemoryLogger
-from pilamim.config import dump_params
+from pilamim.params_files import dump_params
 from pilamim.train import NonFiniteLossError, pretrain
 from tests.conftest import micro_run_params
 
