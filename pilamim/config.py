@@ -57,6 +57,8 @@ class ModelParams(_Strict):
 
     preset: Preset = "pilamim"
     size: ModelSize = "mini"
+    depth: int | None = Field(None, ge=1, le=48,
+                              description="encoder blocks; null: the size's own (mini: 6)")
     img_size: int = Field(28, ge=8, le=1024)
     patch_size: int = Field(4, ge=1, le=64)
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
@@ -91,6 +93,20 @@ class ModelParams(_Strict):
         return self
 
 
+# RandomResizedCrop area range, or 'auto' (pilamim.recipes.auto_crop_scale).
+CropScale = tuple[float, float] | Literal["auto"]
+CROP_SCALE_HELP = ("RandomResizedCrop area range [min, max]; 'auto': MAE's [0.2, 1] at 112 px "
+                   "and up, narrower below, no crop at 48 px and below")
+
+
+def _check_crop_scale(value: CropScale) -> None:
+    if value == "auto":
+        return
+    lo, hi = value
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"crop_scale {value} must satisfy 0 < min <= max <= 1 (or be 'auto')")
+
+
 # How pretraining images reach the device (pilamim.data.pretrain_input builds each one).
 InputPipeline = Literal["pil", "device", "device_bicubic"]
 
@@ -102,10 +118,14 @@ class PretrainParams(_Strict):
     out_dir: str = "models/pretrain"
     metrics_path: str = "metrics/pretrain.json"
     plots_path: str = Field("plots/pretrain.csv", description="loss curve CSV (DVC plots)")
+    knn_plots_path: str = Field("plots/pretrain_knn.csv",
+                                description="kNN-monitor curve CSV (DVC plots)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1, description="per device, per micro-step")
     accum_steps: int = Field(1, ge=1)
-    base_lr: float = Field(1.5e-4, gt=0.0, description="lr = base_lr * global_batch / 256")
+    base_lr: float | Literal["auto"] = Field(
+        "auto", description="lr = base_lr * global_batch / 256; 'auto': the paper's 1.5e-4, "
+        "scaled up for short runs (pilamim.recipes.short_run_base_lr)")
     lr: float | None = Field(None, gt=0.0, description="absolute lr; overrides base_lr scaling")
     min_lr: float = Field(0.0, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
@@ -128,7 +148,7 @@ class PretrainParams(_Strict):
         "pil", description="pil: workers decode with PIL, bicubic crop (MAE's); device: workers "
         "read bytes, the training device decodes (nvJPEG on CUDA) and crops with roi_align; "
         "device_bicubic: same, antialiased bicubic per image")
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: CropScale = Field("auto", description=CROP_SCALE_HELP)
     hflip: bool = True
     checkpoint_every_steps: int = Field(200, ge=1)
     log_every_steps: int = Field(10, ge=1)
@@ -137,9 +157,9 @@ class PretrainParams(_Strict):
 
     @model_validator(mode="after")
     def _ranges(self) -> PretrainParams:
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        _check_crop_scale(self.crop_scale)
+        if isinstance(self.base_lr, float) and self.base_lr <= 0:
+            raise ValueError(f"base_lr {self.base_lr} must be > 0 (or 'auto')")
         m0, m1 = self.ema_momentum
         if not 0.0 <= m0 <= m1 <= 1.0:
             raise ValueError(
@@ -162,8 +182,10 @@ class ProbeParams(_Strict):
     epochs: int = Field(100, ge=1)
     warmup_epochs: int = Field(10, ge=0)
     batch_size: int = Field(256, ge=1)
-    base_lr: float = Field(0.1, gt=0.0, description="lr = base_lr * batch / 256")
-    weight_decay: float = Field(0.0, ge=0.0)
+    base_lr: float | list[float] = Field(
+        [3.0, 10.0, 30.0, 100.0], description="lr = base_lr * batch / 256; a list is a grid: "
+        "one head per value, the best on the val split is kept (test is never used to choose)")
+    weight_decay: float | list[float] = Field(0.0, description="a list is a grid, as base_lr")
     optimizer: Literal["lars", "sgd"] = "lars"
     augment: bool = Field(False, description="RRC + flip; false caches features once")
     knn_k: int = Field(20, ge=1)
@@ -174,6 +196,14 @@ class ProbeParams(_Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> ProbeParams:
+        for key, low in (("base_lr", 0.0), ("weight_decay", None)):
+            values = getattr(self, key)
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise ValueError(f"{key} is an empty list; give one value or a list of them")
+            if any(v < 0 or (low is not None and v <= low) for v in values):
+                raise ValueError(f"{key} {getattr(self, key)}: every value must be "
+                                 + ("> 0" if low is not None else ">= 0"))
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         return self
@@ -197,10 +227,15 @@ class FinetuneParams(_Strict):
     layer_decay: float = Field(0.65, gt=0.0, le=1.0)
     drop_path: float = Field(0.1, ge=0.0, lt=1.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    regularisation: Literal["auto", "mae", "light"] = Field(
+        "auto", description="'mae': mixup, cutmix, randaugment and reprob as set here; 'light': "
+        "none of them (crop, flip, label smoothing and drop path only); 'auto': 'mae' from 30 "
+        "epochs on, else 'light'")
     mixup: float = Field(0.8, ge=0.0)
     cutmix: float = Field(1.0, ge=0.0)
     randaugment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto_augment spec")
     reprob: float = Field(0.25, ge=0.0, le=1.0, description="random erasing probability")
+    crop_scale: CropScale = Field("auto", description=CROP_SCALE_HELP)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
@@ -210,6 +245,7 @@ class FinetuneParams(_Strict):
     def _warmup_fits(self) -> FinetuneParams:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        _check_crop_scale(self.crop_scale)
         return self
 
 

@@ -33,6 +33,7 @@ from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
 from pilamim.evaluate.seeding import seeded
 from pilamim.evaluate.timm_compat import safe_posterize
 from pilamim.model.export import WEIGHTS, read_spec
+from pilamim.recipes import resolve_crop_scale, uses_mae_regularisation
 from pilamim.schedules import cosine_with_warmup, set_lr
 
 # With global_pool="avg" timm moves the final norm after pooling (fc_norm): the exported
@@ -69,7 +70,8 @@ class ToMode:
 
 def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
                        params: FinetuneParams, train: bool) -> Callable[[Image.Image], Tensor]:
-    """PIL image -> normalised tensor; training adds RRC, flip, RandAugment, random erasing.
+    """PIL image -> normalised tensor; training adds RRC and flip, plus RandAugment and random
+    erasing under MAE regularisation (``params.regularisation``, :mod:`pilamim.recipes`).
 
     Evaluation resizes the shorter side to ``img_size / 0.875`` and centre-crops for images of
     64 px and more, and simply resizes small images (28 px) — the same rule as the data
@@ -79,10 +81,14 @@ def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float
     if len(mean) != len(std):
         raise ValueError(f"mean {mean} and std {std} must have the same length")
     if train:
+        strong = uses_mae_regularisation(params.regularisation, params.epochs)
         with safe_posterize():  # timm binds its ops here; see timm_compat
-            tf = create_transform(img_size, is_training=True, auto_augment=params.randaugment,
-                                  color_jitter=None, re_prob=params.reprob, re_mode="pixel",
-                                  re_count=1, interpolation="bicubic", mean=mean, std=std)
+            tf = create_transform(img_size, is_training=True,
+                                  scale=resolve_crop_scale(params.crop_scale, img_size),
+                                  auto_augment=params.randaugment if strong else None,
+                                  color_jitter=None, re_prob=params.reprob if strong else 0.0,
+                                  re_mode="pixel", re_count=1, interpolation="bicubic",
+                                  mean=mean, std=std)
     else:
         tf = create_transform(img_size, is_training=False, interpolation="bicubic",
                               crop_pct=0.875 if img_size >= 64 else 1.0, mean=mean, std=std)
@@ -131,7 +137,9 @@ def build_finetune_optimizer(model: nn.Module, params: FinetuneParams,
 
 
 def build_mixup(params: FinetuneParams, num_classes: int) -> Mixup | None:
-    if params.mixup <= 0 and params.cutmix <= 0:
+    """Mixup/CutMix under MAE regularisation (see :mod:`pilamim.recipes`), else None."""
+    strong = uses_mae_regularisation(params.regularisation, params.epochs)
+    if not strong or (params.mixup <= 0 and params.cutmix <= 0):
         return None
     return Mixup(mixup_alpha=params.mixup, cutmix_alpha=params.cutmix, prob=1.0,
                  switch_prob=0.5, mode="batch", label_smoothing=params.label_smoothing,

@@ -1,6 +1,6 @@
 """The ViT encoder, built by ``timm.create_model`` so an exported encoder loads straight into timm.
 
-Official-code parity (METHOD.md): no qkv bias, learned position embeddings on patches only
+Official-code parity (docs/METHOD.md): no qkv bias, learned position embeddings on patches only
 (``no_embed_class``), [CLS] prepended after masking, PyTorch default Linear init.
 """
 
@@ -29,6 +29,7 @@ ENCODER_SIZES: dict[str, tuple[str, int, int, int]] = {
 def encoder_spec(params: ModelParams, in_chans: int) -> tuple[str, dict[str, Any]]:
     """The ``timm.create_model`` name and kwargs that rebuild this encoder anywhere."""
     name, dim, depth, heads = ENCODER_SIZES[params.size]
+    depth = params.depth or depth
     kwargs = dict(
         img_size=params.img_size, patch_size=params.patch_size, in_chans=in_chans,
         embed_dim=dim, depth=depth, num_heads=heads, qkv_bias=params.qkv_bias,

@@ -16,6 +16,7 @@ from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
 from pilamim.evaluate.metrics import save_eval_outputs
 from pilamim.model.export import load_encoder, read_spec
+from pilamim.recipes import auto_crop_scale
 
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
 
@@ -38,7 +39,8 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     encoder = load_encoder(p.encoder_dir)
     size = spec["img_size"]
     plain = eval_transform(size, prepared.mean, prepared.std)
-    train_tf = pretrain_transform(size, prepared.mean, prepared.std) if p.augment else plain
+    train_tf = (pretrain_transform(size, prepared.mean, prepared.std, auto_crop_scale(size))
+                if p.augment else plain)
     train = ManifestDataset(prepared, "train", train_tf)
     evals = {s: ManifestDataset(prepared, s, plain) for s in ("val", "test") if prepared.split(s)}
     out = Path(p.out_dir)

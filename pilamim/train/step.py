@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pilamim.config import Params
 from pilamim.device import autocast, autocast_dtype
 from pilamim.model import PiLaMIM, build_pilamim
+from pilamim.recipes import resolve_base_lr
 from pilamim.schedules import cosine_with_warmup, linear
 from pilamim.train.distributed import DistInfo
 from pilamim.train.optim import build_adamw
@@ -39,7 +40,8 @@ class Plan:
                 f"{world} processes); lower pretrain.batch_size or use more data")
         self.total_steps = p.epochs * self.steps_per_epoch
         self.warmup_steps = round(p.warmup_epochs * self.steps_per_epoch)
-        self.peak_lr = p.lr if p.lr is not None else p.base_lr * self.global_batch / 256
+        self.base_lr = resolve_base_lr(p.base_lr, self.total_steps)
+        self.peak_lr = p.lr if p.lr is not None else self.base_lr * self.global_batch / 256
 
     def lr(self, step: int) -> float:
         p = self.params.pretrain

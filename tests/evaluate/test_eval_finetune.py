@@ -77,7 +77,8 @@ def test_schedule_warms_up_then_decays():
 
 @pytest.mark.parametrize("mix", [(0.8, 1.0), (0.0, 0.0)], ids=["mixup", "plain"])
 def test_finetune_runs_and_reports(encoder_dir, splits, mix):
-    params = FinetuneParams(**TINY, mixup=mix[0], cutmix=mix[1], base_lr=5e-3)
+    params = FinetuneParams(**TINY, mixup=mix[0], cutmix=mix[1], base_lr=5e-3,
+                            regularisation="mae")
     logger = MemoryLogger()
     evals = {"val": splits["val"], "test": splits["test"]}
     metrics, model = run_finetune(encoder_dir, splits["train"], evals, CLASSES, params, "cpu",
@@ -109,7 +110,7 @@ def test_finetune_learns_deterministically_with_accumulation(encoder_dir, splits
 
 
 def test_finetune_transform_on_grayscale_28px():
-    params = FinetuneParams()  # rand-m9-mstd0.5-inc1, reprob 0.25
+    params = FinetuneParams(regularisation="mae")  # rand-m9-mstd0.5-inc1, reprob 0.25
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L")
     train_tf = finetune_transform(28, [0.29], [0.35], params, train=True)
@@ -148,7 +149,7 @@ class _PilDataset(torch.utils.data.Dataset):
 
 
 def test_finetune_end_to_end_on_pil_images_with_randaugment(encoder_dir, splits):
-    params = FinetuneParams(**{**TINY, "epochs": 1, "warmup_epochs": 0})
+    params = FinetuneParams(**{**TINY, "epochs": 1, "warmup_epochs": 0}, regularisation="mae")
     train_tf = finetune_transform(16, [0.3], [0.3], params, train=True)
     eval_tf = finetune_transform(16, [0.3], [0.3], params, train=False)
     train = _PilDataset(splits["train"], train_tf)
@@ -164,7 +165,8 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash():
 
     img = Image.new("L", (28, 28), 200)
     posterize = auto_augment.NAME_TO_OP["PosterizeIncreasing"]
-    tf = finetune_transform(28, (0.5,), (0.5,), FinetuneParams(**TINY), train=True)
+    params = FinetuneParams(**TINY, regularisation="mae")
+    tf = finetune_transform(28, (0.5,), (0.5,), params, train=True)
     ops = [op for t in tf.transforms for op in getattr(t, "ops", [])
            if op.name.startswith("Posterize")]
     assert ops and all(op.aug_fn is not posterize for op in ops)
