@@ -66,12 +66,13 @@ def probe(features: Mapping[str, Tensor], labels: Mapping[str, Tensor], classes:
     kept = {k: result[k] for k in KEPT if k in result}
     if "val" in result:
         kept.update({f"val_{k}": result["val"][k] for k in KEPT if k in result["val"]})
-    kept.update(feature_dim=result["feature_dim"], steps=result["steps"], lr=result["lr"])
+    kept.update(feature_dim=result["feature_dim"], steps=result["steps"], lr=result["lr"],
+                base_lr=result["base_lr"], weight_decay=result["weight_decay"])
     return kept
 
 
-def finetune(encoder_dir: str | Path, prepared: PreparedDataset, params: Params,
-             device: torch.device, logger: Logger) -> dict[str, Any]:
+def finetune_encoder(encoder_dir: str | Path, prepared: PreparedDataset, params: Params,
+                     device: torch.device, logger: Logger) -> dict[str, Any]:
     """MAE-protocol fine-tuning through the library (same transforms as ``pilamim finetune``)."""
     p = params.finetune
     size = read_spec(encoder_dir)["img_size"]
@@ -91,10 +92,12 @@ def finetune(encoder_dir: str | Path, prepared: PreparedDataset, params: Params,
 
 def evaluate(features: Mapping[str, Tensor], data: EvalImages, prepared: PreparedDataset,
              params: Params, device: torch.device, encoder_dir: str | Path | None,
-             logger: Logger | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+             logger: Logger | None = None, *, finetune: bool = True,
+             ) -> tuple[dict[str, Any], dict[str, float]]:
     """All protocols for one entry; returns (details per protocol, seconds per protocol).
 
-    ``encoder_dir`` None (the raw-pixel floor) skips fine-tuning: there is no encoder.
+    Fine-tuning runs when ``finetune`` is set and there is an encoder (``encoder_dir`` None
+    is the raw-pixel floor).
     """
     logger = logger or NullLogger()
     details: dict[str, Any] = {}
@@ -104,9 +107,9 @@ def evaluate(features: Mapping[str, Tensor], data: EvalImages, prepared: Prepare
     details["lowlevel"] = probe(features, data.bins, LOWLEVEL_CLASSES, params, device,
                                 RenamingLogger(logger, "probe/", "lowlevel/"))
     seconds["probe_s"] = time.perf_counter() - t
-    if encoder_dir is not None:
+    if finetune and encoder_dir is not None:
         t = time.perf_counter()
-        details["finetune"] = finetune(encoder_dir, prepared, params, device, logger)
+        details["finetune"] = finetune_encoder(encoder_dir, prepared, params, device, logger)
         seconds["finetune_s"] = time.perf_counter() - t
     return details, seconds
 

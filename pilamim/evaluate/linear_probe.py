@@ -1,9 +1,10 @@
 """Linear probe, paper protocol: frozen encoder -> [CLS] -> BatchNorm (no affine) -> Linear.
 
 LARS (timm) with momentum 0.9, lr = base_lr x batch / 256, linear warm-up then cosine, set per
-iteration. Without augmentation (small images) the encoder runs once and the head trains on
-cached features, which is what makes 100 epochs cheap; with augmentation the frozen encoder
-runs on every augmented batch.
+iteration; base lr and weight decay are chosen on the val split from a small grid. Without
+augmentation (small images) the encoder runs once and the heads train on cached features,
+which is what makes 100 epochs per candidate cheap; with augmentation the frozen encoder runs
+on every augmented batch, for every candidate.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pilamim.callbacks import Logger, NullLogger
+from pilamim.callbacks import Logger, MemoryLogger, NullLogger
 from pilamim.config import ProbeParams
 from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import extract_features, make_loader
@@ -45,7 +46,8 @@ def build_probe_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-def build_probe_optimizer(head: nn.Module, params: ProbeParams) -> torch.optim.Optimizer:
+def build_probe_optimizer(head: nn.Module, optimizer: str, lr: float,
+                          weight_decay: float) -> torch.optim.Optimizer:
     """LARS adapts (and decays) only the weight matrix; the bias is plain momentum SGD.
 
     That is the MAE convention (trust ratio for ndim > 1 only). timm's ``Lars`` adapts only
@@ -53,13 +55,13 @@ def build_probe_optimizer(head: nn.Module, params: ProbeParams) -> torch.optim.O
     """
     weights = [p for p in head.parameters() if p.ndim > 1]
     others = [p for p in head.parameters() if p.ndim <= 1]
-    if params.optimizer == "sgd":
-        groups = [{"params": weights, "weight_decay": params.weight_decay},
+    if optimizer == "sgd":
+        groups = [{"params": weights, "weight_decay": weight_decay},
                   {"params": others, "weight_decay": 0.0}]
-        return torch.optim.SGD(groups, lr=params.base_lr, momentum=0.9)
-    groups = [{"params": weights, "weight_decay": params.weight_decay, "always_adapt": True},
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    groups = [{"params": weights, "weight_decay": weight_decay, "always_adapt": True},
               {"params": others, "weight_decay": 0.0, "always_adapt": False}]
-    return Lars(groups, lr=params.base_lr, momentum=0.9, trust_coeff=0.001)
+    return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
 
 
 def _cached_batches(feats: Tensor, labels: Tensor, batch: int,
@@ -107,27 +109,89 @@ def report_split(eval_sets: Mapping[str, Any]) -> str:
     return "test" if "test" in eval_sets else list(eval_sets)[-1]
 
 
+SELECTION_SPLIT = "val"
+
+
+def candidates(params: ProbeParams) -> list[tuple[float, float]]:
+    """Every (base_lr, weight_decay) pair of the probe's grid, in params order."""
+    return [(lr, wd) for lr in _as_list(params.base_lr) for wd in _as_list(params.weight_decay)]
+
+
+def _as_list(value: float | Sequence[float]) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, Sequence) else [float(value)]
+
+
+def select_candidate(scores: Sequence[float]) -> int:
+    """Index of the best selection-split top-1; the earliest (params order) wins a tie."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def train_probe_head(batches: Batches, steps_per_epoch: int, dim: int, num_classes: int,
+                     params: ProbeParams, base_lr: float, weight_decay: float, batch: int,
+                     monitor: Mapping[str, tuple[Tensor, Tensor]], device: torch.device,
+                     logger: Logger) -> tuple[nn.Module, float, int]:
+    """One head, ``params.epochs`` epochs of warm-up + cosine; returns (head, last epoch's
+    train loss, steps). Logs per epoch the train loss, lr and top-1/5 on each ``monitor`` split."""
+    head = build_probe_head(dim, num_classes).to(device)
+    lr = base_lr * batch / 256
+    optimizer = build_probe_optimizer(head, params.optimizer, lr, weight_decay)
+    total, warmup = params.epochs * steps_per_epoch, params.warmup_epochs * steps_per_epoch
+    step, train_loss = 0, float("nan")
+    for epoch in tqdm(range(params.epochs), desc="linear probe", leave=False,
+                      disable=not sys.stderr.isatty()):
+        head.train()
+        loss_sum, seen = torch.zeros((), device=device), 0
+        for feats, labels in batches(epoch):
+            set_lr(optimizer, cosine_with_warmup(step, total, warmup, lr))
+            loss = F.cross_entropy(head(feats), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * labels.shape[0]
+            seen += labels.shape[0]
+            step += 1
+        train_loss = (loss_sum / max(1, seen)).item()
+        logged = {"probe/train_loss": train_loss, "probe/lr": optimizer.param_groups[0]["lr"]}
+        for name, (feats, labels) in monitor.items():
+            logits = _predict(head, feats.to(device)).cpu()
+            logged[f"probe/{name}_top1"] = topk_accuracy(logits, labels, 1)
+            logged[f"probe/{name}_top5"] = topk_accuracy(logits, labels, 5)
+        logger.log_metrics(logged, step=epoch + 1)
+    return head, train_loss, step
+
+
 def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[str, Dataset],
                      classes: Sequence[str], params: ProbeParams, device: torch.device | str,
                      logger: Logger | None = None, *, knn_train_ds: Dataset | None = None,
                      head_path: str | Path | None = None) -> dict[str, Any]:
     """Train a linear probe on the frozen ``encoder``; return metrics per eval split.
 
+    With several (base_lr, weight_decay) candidates (lists in ``params``) one head is trained
+    per candidate and the one with the best top-1 on the 'val' split is kept, as the MAE, DINO
+    and I-JEPA evaluations sweep their probes: the gate metric then means the same for every
+    encoder, not whichever one a hand-set lr suits. 'test' is evaluated once, with the kept
+    head only. Only the kept head's per-epoch curve reaches ``logger``; every candidate's val
+    top-1 is in the result's ``candidates``.
+
     Result: ``{split: {top1, top5, per_class_accuracy, confusion_matrix, num_samples, loss,
     knn_top1, knn_top5}, ...}`` plus top-level ``top1``/``top5``/``knn_top1``/``knn_top5``
-    from :func:`report_split`, and run facts (``report_split``, ``feature_dim``, ``lr``,
-    ``batch_size``, ``steps``, ``train_loss``). Per epoch it logs ``probe/train_loss``,
-    ``probe/lr`` and ``probe/<split>_top1|top5`` for every split except 'test' (step = epochs
-    completed); at the end ``probe/<split>_*`` for every split.
+    from :func:`report_split`, the chosen ``base_lr``, ``weight_decay`` and ``lr``, and run
+    facts (``report_split``, ``feature_dim``, ``batch_size``, ``steps``, ``train_loss``).
 
     kNN uses the training features as memory bank; with ``params.augment`` those are
     augmented, so pass ``knn_train_ds`` (same images, eval transform) to get kNN numbers
-    (without it kNN is skipped in that mode). ``head_path`` saves the trained head.
+    (without it kNN is skipped in that mode). ``head_path`` saves the kept head.
     """
     logger = NullLogger() if logger is None else logger
     device = torch.device(device)
     num_classes = len(classes)
     report = report_split(eval_sets)
+    grid = candidates(params)
+    if len(grid) > 1 and SELECTION_SPLIT not in eval_sets:
+        raise ValueError(
+            f"probe.base_lr/weight_decay list {len(grid)} candidates to choose from on the "
+            f"'{SELECTION_SPLIT}' split, but there is none (splits: {sorted(eval_sets)}); set "
+            "data.val_fraction > 0, or give probe.base_lr and probe.weight_decay one value each")
     dtype = autocast_dtype(device, "auto")
     was_training = encoder.training
 
@@ -154,37 +218,20 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
                 cached = (memory[0].to(device), memory[1].to(device))
                 batches, steps_per_epoch = _cached_batches(*cached, batch, generator)
             dim = next(iter(evals.values()))[0].shape[1]
-
-            head = build_probe_head(dim, num_classes).to(device)
-            optimizer = build_probe_optimizer(head, params)
-            lr = params.base_lr * batch / 256
-            total = params.epochs * steps_per_epoch
-            warmup = params.warmup_epochs * steps_per_epoch
-            step, train_loss = 0, float("nan")
-            for epoch in tqdm(range(params.epochs), desc="linear probe", leave=False,
-                              disable=not sys.stderr.isatty()):
-                head.train()
-                loss_sum = torch.zeros((), device=device)
-                seen = 0
-                for feats, labels in batches(epoch):
-                    set_lr(optimizer, cosine_with_warmup(step, total, warmup, lr))
-                    loss = F.cross_entropy(head(feats), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += loss.detach() * labels.shape[0]
-                    seen += labels.shape[0]
-                    step += 1
-                train_loss = (loss_sum / max(1, seen)).item()
-                logged = {"probe/train_loss": train_loss,
-                          "probe/lr": optimizer.param_groups[0]["lr"]}
-                for name, (feats, labels) in evals.items():
-                    if name == "test":
-                        continue
-                    logits = _predict(head, feats.to(device)).cpu()
-                    logged[f"probe/{name}_top1"] = topk_accuracy(logits, labels, 1)
-                    logged[f"probe/{name}_top5"] = topk_accuracy(logits, labels, 5)
-                logger.log_metrics(logged, step=epoch + 1)
+            monitor = {name: fl for name, fl in evals.items() if name != "test"}
+            trained, curves, scores = [], [], []
+            for base_lr, weight_decay in grid:
+                curve = MemoryLogger()
+                trained.append(train_probe_head(batches, steps_per_epoch, dim, num_classes,
+                                                params, base_lr, weight_decay, batch, monitor,
+                                                device, curve))
+                curves.append(curve)
+                last = curve.series(f"probe/{SELECTION_SPLIT}_top1")
+                scores.append(last[-1] if last else 0.0)
+            chosen = select_candidate(scores)
+            head, train_loss, step = trained[chosen]
+            for epoch, logged in curves[chosen].metrics:
+                logger.log_metrics(logged, step=epoch)
     finally:
         encoder.train(was_training)  # the caller's module comes back as it was
 
@@ -199,12 +246,17 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
         result[name] = split
     final = {f"probe/{name}_{key}": result[name][key] for name in result
              for key in ("top1", "top5", "knn_top1", "knn_top5") if key in result[name]}
+    base_lr, weight_decay = grid[chosen]
+    final.update({"probe/base_lr": base_lr, "probe/weight_decay": weight_decay})
     logger.log_metrics(final, step=params.epochs)
     result.update({key: result[report][key] for key in ("top1", "top5", "knn_top1", "knn_top5")
                    if key in result[report]})
     result.update(report_split=report, feature_dim=dim, num_classes=num_classes,
-                  train_samples=n_train, batch_size=batch, lr=lr, steps=step,
-                  train_loss=train_loss, epochs=params.epochs)
+                  train_samples=n_train, batch_size=batch, base_lr=base_lr,
+                  weight_decay=weight_decay, lr=base_lr * batch / 256, steps=step,
+                  train_loss=train_loss, epochs=params.epochs,
+                  candidates=[{"base_lr": lr, "weight_decay": wd, f"{SELECTION_SPLIT}_top1": v}
+                              for (lr, wd), v in zip(grid, scores, strict=True)])
     if head_path is not None:
         save_probe_head(head, classes, head_path)
     return result

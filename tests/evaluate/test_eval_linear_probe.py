@@ -2,6 +2,7 @@ import pytest
 import torch
 from eval_helpers import CLASSES
 from timm.optim import Lars
+from torch.utils.data import TensorDataset
 
 from pilamim.callbacks import MemoryLogger
 from pilamim.config import ProbeParams
@@ -11,6 +12,7 @@ from pilamim.evaluate.linear_probe import (
     build_probe_optimizer,
     load_probe_head,
     run_linear_probe,
+    select_candidate,
 )
 
 # Few samples, few steps: LARS's trust ratio (0.001 x |w| / |g|) needs a large lr to move;
@@ -31,12 +33,12 @@ def test_head_shape_and_init():
 
 def test_lars_adapts_only_the_weight_matrix():
     head = build_probe_head(8, 3)
-    opt = build_probe_optimizer(head, ProbeParams(weight_decay=1e-4))
+    opt = build_probe_optimizer(head, "lars", 0.1, 1e-4)
     assert isinstance(opt, Lars)
     weight_group, bias_group = opt.param_groups
     assert weight_group["always_adapt"] and weight_group["weight_decay"] == 1e-4
     assert not bias_group["always_adapt"] and bias_group["weight_decay"] == 0.0
-    assert isinstance(build_probe_optimizer(head, ProbeParams(optimizer="sgd")), torch.optim.SGD)
+    assert isinstance(build_probe_optimizer(head, "sgd", 0.1, 0.0), torch.optim.SGD)
 
 
 def test_features_are_cls_after_norm(encoder, splits):
@@ -103,3 +105,46 @@ def test_probe_augment_mode_runs_encoder_each_step(encoder, splits):
     # 1 val batch + 2 epochs x 3 training batches of 32
     assert cached == 1 + 2 * 3
     assert encoder.training == was_training  # the caller's train/eval mode is given back
+
+
+def _relabelled(ds: TensorDataset, shift: int) -> TensorDataset:
+    images, labels = ds.tensors
+    return TensorDataset(images, (labels + shift) % len(CLASSES))
+
+
+def test_probe_grid_chooses_on_val_and_uses_test_once(encoder, splits):
+    """One head per (base_lr, weight_decay); the best val top-1 is kept. Test labels play no
+    part in the choice: scrambling them changes the test numbers only."""
+    params = ProbeParams(**{**FAST, "base_lr": [0.01, 100.0], "weight_decay": [0.0, 1e-4]})
+    evals = {"val": splits["val"], "test": splits["test"]}
+    logger = MemoryLogger()
+    m = run_linear_probe(encoder, splits["train"], evals, CLASSES, params, "cpu", logger)
+    grid = m["candidates"]
+    assert [(c["base_lr"], c["weight_decay"]) for c in grid] == [
+        (0.01, 0.0), (0.01, 1e-4), (100.0, 0.0), (100.0, 1e-4)]
+    best = grid[select_candidate([c["val_top1"] for c in grid])]
+    assert (m["base_lr"], m["weight_decay"]) == (best["base_lr"], best["weight_decay"])
+    assert m["base_lr"] == 100.0  # lr 0.01 x 16 / 256 barely moves a LARS head in 40 epochs
+    assert m["val"]["top1"] == best["val_top1"] > grid[0]["val_top1"]
+    assert logger.metrics[-1][1]["probe/base_lr"] == m["base_lr"]
+    # only the kept head's curve is logged: one row per epoch, no test
+    per_epoch = [s for s, row in logger.metrics if "probe/train_loss" in row]
+    assert per_epoch == list(range(1, params.epochs + 1))
+    assert not any("probe/test_top1" in row for s, row in logger.metrics[:-1])
+
+    scrambled = {"val": splits["val"], "test": _relabelled(splits["test"], 1)}
+    m2 = run_linear_probe(encoder, splits["train"], scrambled, CLASSES, params, "cpu")
+    assert m2["candidates"] == grid and m2["base_lr"] == m["base_lr"]
+    assert m2["val"] == m["val"] and m2["test"]["top1"] != m["test"]["top1"]
+
+
+def test_probe_grid_needs_a_val_split(encoder, splits):
+    params = ProbeParams(**{**FAST, "base_lr": [1.0, 10.0]})
+    with pytest.raises(ValueError, match="val_fraction"):
+        run_linear_probe(encoder, splits["train"], {"test": splits["test"]}, CLASSES, params,
+                         "cpu")
+
+
+def test_select_candidate_prefers_the_first_of_a_tie():
+    assert select_candidate([0.5, 0.7, 0.7, 0.1]) == 1
+    assert select_candidate([0.3]) == 0
