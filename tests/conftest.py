@@ -108,7 +108,8 @@ def micro_run_params(workdir, data_dir: str, model: dict | None = None, **pretra
 
     pre = dict(data_dir=data_dir, out_dir=str(workdir / "models" / "pretrain"),
                metrics_path=str(workdir / "metrics" / "pretrain.json"),
-               plots_path=str(workdir / "plots" / "pretrain.csv"), epochs=2, batch_size=16,
+               plots_path=str(workdir / "plots" / "pretrain.csv"),
+               knn_plots_path=str(workdir / "plots" / "pretrain_knn.csv"), epochs=2, batch_size=16,
                lr=1e-3, warmup_epochs=0.5, log_every_steps=1, checkpoint_every_steps=5,
                figure_every_epochs=1, device="cpu")
     return Params(model=micro_model_params(**(model or {})),

@@ -14,6 +14,7 @@ from pilamim.train.checkpoint import CHECKPOINT
 from pilamim.train.distributed import launch_rank
 
 CURVE_COLUMNS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "lr", "feature_std")
+KNN_COLUMNS = ("knn_top1", "knn_top5")
 
 
 def inputs(params: Params) -> dict[str, str]:
@@ -35,13 +36,17 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     p = params.pretrain
     out = Path(p.out_dir)
     # Under torchrun only rank 0 writes rows; any other rank rewriting the file would race it.
-    curve: Logger = NullLogger()
+    curves: list[Logger] = []
     if launch_rank() == 0:
-        curve = CSVLogger(p.plots_path, CURVE_COLUMNS, prefix="pretrain/",
-                          resume_from_step=_resume_step(out))
-    summary = pretrain(params, MultiLogger(curve, logger or NullLogger()))
+        resume = _resume_step(out)
+        curves = [CSVLogger(p.plots_path, CURVE_COLUMNS, prefix="pretrain/",
+                            resume_from_step=resume),
+                  CSVLogger(p.knn_plots_path, KNN_COLUMNS, prefix="pretrain/",
+                            resume_from_step=resume)]
+    summary = pretrain(params, MultiLogger(*curves, logger or NullLogger()))
     if logger is not None:
-        for path in (Path(p.plots_path), out / "encoder.json", Path(p.metrics_path)):
+        for path in (Path(p.plots_path), Path(p.knn_plots_path), out / "encoder.json",
+                     Path(p.metrics_path)):
             if path.exists():
                 logger.log_artifact(path)
     return summary

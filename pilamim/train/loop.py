@@ -28,6 +28,7 @@ from pilamim.device import resolve_device
 from pilamim.io import atomic_write_json
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
+from pilamim.recipes import resolve_crop_scale
 from pilamim.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, stale_reason
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
@@ -41,7 +42,8 @@ class NonFiniteLossError(RuntimeError):
 
 # Pretrain params that do not change what the checkpoint's state means (precision, compile and
 # input_pipeline change rounding or resampling, not the recipe: a run may resume across them).
-_BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "device",
+_BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "knn_plots_path",
+                "device",
                 "checkpoint_every_steps", "log_every_steps", "figure_every_epochs",
                 "knn_every_epochs", "num_workers", "compile", "precision", "input_pipeline"}
 
@@ -53,11 +55,24 @@ def _meta(params: Params, in_chans: int, plan: Plan, digest: str) -> dict[str, A
             "global_batch": plan.global_batch, "dataset_digest": digest, "recipe": recipe}
 
 
-def _fixed_figure_batch(prepared, params: Params, device: torch.device) -> torch.Tensor:
+# The reconstruction figure shows one image per class, up to this many classes.
+FIGURE_MAX_IMAGES = 10
+
+
+def one_per_class(labels: list[int], limit: int = FIGURE_MAX_IMAGES) -> list[int]:
+    """Index of the first image of each class, in class order, for at most ``limit`` classes:
+    a figure of the first few images of a sorted split would show a single class."""
+    first: dict[int, int] = {}
+    for index, label in enumerate(labels):
+        first.setdefault(label, index)
+    return [first[label] for label in sorted(first)][:limit]
+
+
+def figure_batch(prepared, params: Params, device: torch.device) -> torch.Tensor:
     split = "val" if prepared.split("val") else "train"
     ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
                                                          prepared.std))
-    return torch.stack([ds[i][0] for i in range(min(8, len(ds)))]).to(device)
+    return torch.stack([ds[i][0] for i in one_per_class(ds.labels)]).to(device)
 
 
 def _save_figure(model: PiLaMIM, images: torch.Tensor, params: Params, prepared, epoch: int,
@@ -91,7 +106,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     device = resolve_device(p.device, info.local_rank)
     prepared = load_prepared(p.data_dir)
     # Decoded-image cache only in-process: workers would each hold (and drop) their own copy.
-    train_input = pretrain_input(prepared, "train", params.model.img_size, p.crop_scale,
+    crop_scale = resolve_crop_scale(p.crop_scale, params.model.img_size)
+    train_input = pretrain_input(prepared, "train", params.model.img_size, crop_scale,
                                  p.hflip, p.input_pipeline, device,
                                  cache=None if p.num_workers == 0 else False)
     train_set = train_input.dataset
@@ -121,9 +137,9 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
 
     train_step = TrainStep(model, optimizer, plan, mask_gen, info, device)
     sampler = EpochSampler(len(train_set), info.world, info.rank, p.seed)
-    figure_batch = (_fixed_figure_batch(prepared, params, device)
-                    if info.is_main and model.pixel_decoder is not None
-                    and p.figure_every_epochs else None)
+    fixed_batch = (figure_batch(prepared, params, device)
+                   if info.is_main and model.pixel_decoder is not None
+                   and p.figure_every_epochs else None)
 
     def checkpoint(at_step: int) -> None:
         if info.is_main:
@@ -195,8 +211,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
                 if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
                     epoch_metrics.update(_knn_monitor(model, prepared, params, device))
                 logger.log_metrics(epoch_metrics, step)
-                if figure_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
-                    logger.log_artifact(_save_figure(model, figure_batch, params, prepared, epoch,
+                if fixed_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
+                    logger.log_artifact(_save_figure(model, fixed_batch, params, prepared, epoch,
                                                      out_dir))
     finally:
         progress.close()
@@ -205,7 +221,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     barrier(info)
 
     summary = {"steps": step, "epochs": p.epochs, "global_batch": plan.global_batch,
-               "peak_lr": plan.peak_lr, "world_size": info.world, "preset": params.model.preset,
+               "base_lr": plan.base_lr, "peak_lr": plan.peak_lr, "crop_scale_min": crop_scale[0],
+               "world_size": info.world, "preset": params.model.preset,
                "train_images": len(train_set), "wall_time_s": time.perf_counter() - t_start,
                "dataset_digest": prepared.digest}
     if info.is_main:
@@ -220,10 +237,12 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
 
 
 def _knn_monitor(model: PiLaMIM, prepared, params: Params, device: torch.device,
-                 max_bank: int = 5000) -> dict[str, float]:
-    """Cheap representation check while training: cosine kNN (k=20, T=0.07) of val on train.
+                 max_bank: int = 3000) -> dict[str, float]:
+    """Cheap representation check while training: cosine kNN (k=20, T=0.07) of val on at most
+    ``max_bank`` training images, every n-th one (the manifest is in class order, so the
+    first ``max_bank`` would leave classes out).
 
-    Pixel-only models score low here early on; it is a monitor, never a gate (METHOD.md).
+    Pixel-only models score low here early on; it is a monitor, never a gate (docs/METHOD.md).
     """
     from torch.utils.data import Subset
 
@@ -232,7 +251,7 @@ def _knn_monitor(model: PiLaMIM, prepared, params: Params, device: torch.device,
 
     tf = eval_transform(params.model.img_size, prepared.mean, prepared.std)
     bank = ManifestDataset(prepared, "train", tf)
-    bank = Subset(bank, range(min(len(bank), max_bank)))
+    bank = Subset(bank, range(0, len(bank), max(1, -(-len(bank) // max_bank))))
     query = ManifestDataset(prepared, "val" if prepared.split("val") else "test", tf)
     feats, labels = extract_features(model.encoder, bank, 256, device)
     qfeats, qlabels = extract_features(model.encoder, query, 256, device)

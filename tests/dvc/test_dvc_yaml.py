@@ -57,7 +57,9 @@ def test_outputs_are_the_default_params_paths():
                     "finetune": [p.finetune.out_dir], "register": []}
     for group in ("pretrain", "probe", "finetune", "register"):
         assert _paths(stages[group]["metrics"]) == [getattr(p, group).metrics_path]
-    for group in ("pretrain", "probe", "finetune"):
+    assert _paths(stages["pretrain"]["plots"]) == [p.pretrain.plots_path,
+                                                   p.pretrain.knn_plots_path]
+    for group in ("probe", "finetune"):
         assert _paths(stages[group]["plots"]) == [getattr(p, group).plots_path]
     for group in ("probe", "finetune"):
         assert getattr(p, group).data_dir == p.data.out_dir
@@ -73,7 +75,8 @@ def test_metrics_and_plots_live_in_git_and_pretrain_persists():
             for options in _options(stage.get(kind)).values():
                 assert options["cache"] is False
     assert _options(stages["pretrain"]["outs"])["models/pretrain"]["persist"] is True
-    assert _options(stages["pretrain"]["plots"])["plots/pretrain.csv"]["persist"] is True
+    for curve in ("plots/pretrain.csv", "plots/pretrain_knn.csv"):
+        assert _options(stages["pretrain"]["plots"])[curve]["persist"] is True
 
 
 def test_dvc_builds_the_graph(tmp_path):

@@ -14,8 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from pilamim.callbacks import MemoryLogger
+from pilamim.data.dataset import ManifestDataset
+from pilamim.data.prepared import load_prepared
+from pilamim.data.transforms import eval_transform
 from pilamim.params_files import dump_params
 from pilamim.train import NonFiniteLossError, pretrain
+from pilamim.train.loop import figure_batch, one_per_class
 from tests.conftest import micro_run_params
 
 
@@ -39,6 +43,22 @@ def test_micro_pretrain_loss_falls_and_writes_outputs(tmp_path, tiny_prepared):
     assert metrics["steps"] == summary["steps"] and metrics["val_loss"] > 0
     momentum = log.series("pretrain/ema_momentum")
     assert momentum[0] == pytest.approx(0.996) and momentum == sorted(momentum)
+
+
+def test_reconstruction_figure_shows_one_image_per_class(tmp_path, tiny_prepared):
+    """The figure's batch is the first val image of each class, in class order (a sorted
+    manifest's first eight images would all be one class)."""
+    assert one_per_class([0, 0, 1, 1, 2, 2], limit=2) == [0, 2]
+    assert one_per_class([2, 0, 1, 0]) == [1, 2, 0]
+    prepared = load_prepared(tiny_prepared)
+    params = micro_run_params(tmp_path, tiny_prepared)
+    batch = figure_batch(prepared, params, torch.device("cpu"))
+    val = ManifestDataset(prepared, "val", eval_transform(params.model.img_size, prepared.mean,
+                                                          prepared.std))
+    picked = one_per_class(val.labels)
+    assert sorted(val.labels[i] for i in picked) == list(range(prepared.num_classes))
+    assert batch.shape[0] == prepared.num_classes
+    torch.testing.assert_close(batch, torch.stack([val[i][0] for i in picked]))
 
 
 def test_rerun_after_completion_does_no_training(tmp_path, tiny_prepared):
