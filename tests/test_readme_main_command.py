@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "data.max_images_per_class=30",
-    "model.size=micro", "model.img_size=16", "model.decoder_depth=1",
+    "model.size=micro", "model.depth=2", "model.img_size=16", "model.decoder_depth=1",
     "model.decoder_width=16", "model.decoder_heads=2",
     "pretrain.epochs=2", "pretrain.batch_size=16", "pretrain.lr=0.001",
     "probe.warmup_epochs=3", "probe.epochs=40", "probe.batch_size=16", "probe.base_lr=100",

@@ -22,26 +22,19 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     # End-to-end check in about a minute: 30 images per class, micro ViT, one epoch.
     "micro": {
         "data": {"max_images_per_class": 30},
-        "model": {"size": "micro", "img_size": 16, "patch_size": 4, "decoder_depth": 1,
-                  "decoder_width": 16, "decoder_heads": 2},
+        "model": {"size": "micro", "depth": None, "img_size": 16, "patch_size": 4,
+                  "decoder_depth": 1, "decoder_width": 16, "decoder_heads": 2},
         "pretrain": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_epochs": 0},
         "probe": {"epochs": 20, "warmup_epochs": 2, "batch_size": 16, "base_lr": 100.0},
         "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 32},
     },
-    # The real study on 2 CPU cores (< 2 h for 3 seeds); how it was sized: BUDGET_NOTES.
-    "cpu": {
-        "data": {"max_images_per_class": 600},
-        "model": {"size": "mini", "img_size": 28, "patch_size": 4, "decoder_depth": 2,
-                  "decoder_width": 128, "decoder_heads": 4},
-        "pretrain": {"epochs": 8, "batch_size": 128, "warmup_epochs": 1},
-        "probe": {"epochs": 100, "warmup_epochs": 10, "batch_size": 256},
-        "finetune": {"epochs": 3, "warmup_epochs": 1, "batch_size": 128},
-    },
+    # The real study on 2 CPU cores: exactly the embedded default a user gets (params/).
+    "cpu": {},
     # GPU scale (--scale): ViT-S, a deeper decoder, 25x the CPU schedule.
     "gpu": {
         "data": {"max_images_per_class": None},
-        "model": {"size": "small", "img_size": 28, "patch_size": 4, "decoder_depth": 4,
-                  "decoder_width": 256, "decoder_heads": 8},
+        "model": {"size": "small", "depth": None, "img_size": 28, "patch_size": 4,
+                  "decoder_depth": 4, "decoder_width": 256, "decoder_heads": 8},
         "pretrain": {"epochs": 100, "batch_size": 256, "warmup_epochs": 10, "num_workers": 4},
         "probe": {"epochs": 100, "warmup_epochs": 10, "batch_size": 256},
         "finetune": {"epochs": 20, "warmup_epochs": 2, "batch_size": 128, "num_workers": 4},
@@ -58,19 +51,13 @@ RUNTIME: dict[str, tuple[int, int | None]] = {"micro": (1, 1), "cpu": (2, 1), "g
 BUDGET_NOTES: dict[str, str] = {
     "micro": "Test-sized: checks the whole study end to end in about a minute. Its numbers "
              "mean nothing (13 pretraining steps of a 32-wide ViT, 60 test images).",
-    "cpu": "Sized on the 2-core development machine while other jobs shared it (load 4-7), so "
-           "the measurements are pessimistic. Marginal CPU-seconds per pretraining step, batch "
-           "128, `mini` ViT at 28 px, one torch thread: pilamim 2.37, pilamim_nocls 2.07, mae "
-           "1.19, latent 1.54. One encoder's evaluation: feature extraction + both probes about "
-           "30 CPU-s, fine-tuning about 62 CPU-s per epoch on 4,200 images. One fine-tune epoch "
-           "left even the random-init encoder at chance (15.7 %), so fine-tuning keeps the "
-           "embedded default's 3 epochs. The whole embedded subset (8,400 training images) "
-           "with the embedded default's 4 pretraining epochs would cost about 205 CPU-minutes; "
-           "600 images per class (4,200 train / 600 val / 1,200 test) with 8 epochs keeps the "
-           "same number of pretraining steps (256 per run) for about 146 CPU-minutes: about "
-           "75 min wall-clock with two single-threaded worker processes, one per core. One "
-           "process with two torch threads was far slower on the shared cores (micro study: "
-           "4.4 min with 2 threads, 0.6 min with 1), hence `--jobs 2 --threads 1`.",
+    "cpu": "Exactly the embedded default (`params/`, what `pilamim run` trains): a 4-block, "
+           "128-wide ViT with 1-block 64-wide decoders, 24 epochs at batch 256 (768 steps) on "
+           "the 8,400 training images, base lr `auto` (1.5e-3), no crop or flip; fine-tune 10 "
+           "epochs. How that recipe was found, with every measurement: README, 'Why the "
+           "default recipe is not the paper's', and docs/METHOD.md. Two single-threaded "
+           "worker processes, one per core (small models gain little from a second thread "
+           "and lose badly when the cores are shared).",
     "gpu": "ViT-S (`small`, 384 wide, 12 blocks) at 28 px with 4-block, 256-wide decoders, "
            "100 pretraining epochs (about 3,200 steps at batch 256) and 20 fine-tune epochs on "
            "the whole embedded subset; add `--set data.embedded_idx_dir=DIR` for all 70,000 "
@@ -83,7 +70,7 @@ def budget_params(budget: str, params_dir: str | Path | None = None,
     """The study's shared params: ``params_dir`` (repo ``params/``) + budget + ``overrides``.
 
     ``overrides`` are ``group.key=value`` strings (the CLI's ``--set``), applied last, so any
-    METHOD.md option (``model.norm_pix_loss=true``) can be studied and is recorded.
+    docs/METHOD.md option (``model.norm_pix_loss=true``) can be studied and is recorded.
     """
     if budget not in BUDGETS:
         raise ParamsError(f"unknown budget {budget!r}; one of {', '.join(BUDGETS)}")
@@ -111,6 +98,7 @@ def with_paths(params: Params, work: Path, run: str, preset: str, seed: int) -> 
         "pretrain": params.pretrain.model_copy(update={
             "data_dir": prepared, "out_dir": str(out / "pretrain"), "seed": seed,
             "metrics_path": str(out / "pretrain.json"), "plots_path": str(out / "pretrain.csv"),
+            "knn_plots_path": str(out / "pretrain_knn.csv"),
             "figure_every_epochs": 0, "knn_every_epochs": 0}),
         "probe": params.probe.model_copy(update={
             "data_dir": prepared, "encoder_dir": str(out / "pretrain"), "seed": seed,

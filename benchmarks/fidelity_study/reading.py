@@ -13,11 +13,11 @@ RULE = ("Rule used throughout: a difference counts only when |difference of mean
 
 NEXT_STEPS = [
     "a longer budget first (`--budget gpu`, or `--set pretrain.epochs=N` on CPU): the CPU "
-    "budget is a few hundred optimizer steps at the paper's learning-rate rule, far from the "
-    "paper's 800 epochs, and the presets may simply not have separated yet;",
-    "pixel-target normalisation, a METHOD.md option: `--set model.norm_pix_loss=true` (MAE's "
-    "per-patch normalised target usually gives better probe features);",
-    "MAE's initialisation, a METHOD.md option: `--set model.init=xavier`;",
+    "budget is a few hundred optimizer steps, far from the paper's 800 epochs, and the "
+    "presets may simply not have separated yet;",
+    "pixel-target normalisation, a docs/METHOD.md option: `--set model.norm_pix_loss=true` "
+    "(MAE's per-patch normalised target usually gives better probe features);",
+    "MAE's initialisation, a docs/METHOD.md option: `--set model.init=xavier`;",
     "loss weights other than 1/1/1 and normalised latent targets are not named options yet: "
     "they would need a library change (and then a run of every preset with them, all reported).",
 ]
@@ -30,7 +30,7 @@ def _label(name: str) -> str:
 def section(summary: Mapping[str, Mapping[str, Summary | None]], comps: Sequence[Comparison],
             goals: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]],
             meta: Mapping[str, Any]) -> list[str]:
-    lines = ["## Honest reading", "", RULE, "", "### Targets (linear-probe top-1)", ""]
+    lines = ["## Honest reading", "", RULE, "", "### Targets", ""]
     mark = {True: "✅ met", False: "❌ not met", None: "❔ undecided"}
     for g in goals:
         lines.append(f"- {mark[g['met']]} — {g['text']}")
@@ -89,7 +89,7 @@ def _sentences(summary, comps, goals, runs, meta) -> list[str]:
                        f"{low.verdict}.")
     knn = [c for c in comps if c.metric == "knn_top1" and c.b == "mae"]
     if knn:
-        out.append("kNN vs MAE is shown for completeness only: METHOD.md warns that "
+        out.append("kNN vs MAE is shown for completeness only: docs/METHOD.md warns that "
                    "pixel-only models score low on kNN at short schedules.")
     pil = [r for r in runs if r["entry"] == "pilamim" and r.get("pretrain")]
     if pil:

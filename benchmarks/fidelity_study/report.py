@@ -28,14 +28,16 @@ a linear function of the pixels, so only the per-class thresholds are hard for i
 PROTOCOLS_TEXT = """\
 - **Linear probe** (paper protocol, `pilamim.evaluate.linear_probe.run_linear_probe`):
   frozen encoder's [CLS] after the final norm, features extracted once (no augmentation),
-  BatchNorm1d(affine=False) + Linear, LARS, warm-up + cosine; test split reported. The
-  raw-pixel floor feeds the flattened normalised image through the same head and optimizer.
+  BatchNorm1d(affine=False) + Linear, LARS, warm-up + cosine; the base lr is chosen per
+  entry on the val split from the params' grid, test reported once. The raw-pixel floor
+  feeds the flattened normalised image through the same head, optimizer and grid.
 - **kNN**: cosine, k and temperature from the probe params, train features as memory bank
-  (computed by the same call). METHOD.md: pixel-only models score low on kNN at short
+  (computed by the same call). docs/METHOD.md: pixel-only models score low on kNN at short
   schedules, so kNN is never read alone.
 - **Fine-tune** (MAE protocol, `pilamim.evaluate.finetune.run_finetune`): the exported
-  encoder + avg-pool head, AdamW with layer decay, drop path, Mixup/CutMix, RandAugment.
-  Not applicable to the raw-pixel floor (no encoder).
+  encoder + avg-pool head, AdamW with layer decay; MAE's regularisers as the params'
+  `regularisation` decides. Run for PiLaMIM and the random-init floor only (the question it
+  answers is whether pretraining pays; it costs more than every other protocol together).
 - **Low-level probe / kNN**: the same probe and kNN on the same frozen features, labels
   from the task below."""
 
@@ -131,10 +133,12 @@ def _params_lines(meta: Mapping[str, Any]) -> list[str]:
     m, pre, pr, ft, d = p["model"], p["pretrain"], p["probe"], p["finetune"], p["data"]
     counts = meta["split_sizes"]
     lr = f"lr {pre['lr']}" if pre["lr"] else f"lr = base_lr {pre['base_lr']} x batch / 256"
+    depth = f", {m['depth']} blocks" if m.get("depth") else ""
     out = [
         f"- Data: embedded Fashion-MNIST subset, {d['max_images_per_class'] or 'all'} images "
         f"per class → train {counts['train']}, val {counts['val']}, test {counts['test']}.",
-        f"- Model: `{m['size']}` ViT ({meta['encoder_params'] / 1e6:.2f} M encoder params), "
+        f"- Model: `{m['size']}` ViT{depth} ({meta['encoder_params'] / 1e6:.2f} M encoder "
+        "params), "
         f"{m['img_size']} px, patch {m['patch_size']}, mask ratio {m['mask_ratio']}, decoders "
         f"{m['decoder_depth']} x {m['decoder_width']} ({m['decoder_heads']} heads), init "
         f"{m['init']}, norm_pix_loss {m['norm_pix_loss']}, target_init {m['target_init']}.",
@@ -143,12 +147,14 @@ def _params_lines(meta: Mapping[str, Any]) -> list[str]:
         f"{pre['weight_decay']}, RRC scale "
         f"{pre['crop_scale']} + hflip {pre['hflip']}, precision {pre['precision']}.",
         f"- Probe: {pr['optimizer']}, {pr['epochs']} epochs ({pr['warmup_epochs']} warm-up), "
-        f"batch {pr['batch_size']}, base_lr {pr['base_lr']}; kNN k={pr['knn_k']}, "
+        f"batch {pr['batch_size']}, base_lr {pr['base_lr']} (chosen on val), weight decay "
+        f"{pr['weight_decay']}; kNN k={pr['knn_k']}, "
         f"T={pr['knn_temperature']}.",
         f"- Fine-tune: {ft['epochs']} epochs ({ft['warmup_epochs']} warm-up), batch "
         f"{ft['batch_size']}, base_lr {ft['base_lr']}, layer decay {ft['layer_decay']}, "
-        f"drop path {ft['drop_path']}, mixup {ft['mixup']}, cutmix {ft['cutmix']}, "
-        f"RandAugment `{ft['randaugment']}`.",
+        f"drop path {ft['drop_path']}, label smoothing {ft['label_smoothing']}, "
+        f"regularisation `{ft['regularisation']}` (mixup {ft['mixup']}, cutmix {ft['cutmix']}, "
+        f"RandAugment `{ft['randaugment']}` only under `mae`).",
         "", "<details><summary>all params (YAML; folders and seeds differ per run)</summary>", "",
         "```yaml", yaml.safe_dump(p, sort_keys=False).rstrip(), "```", "", "</details>",
     ]

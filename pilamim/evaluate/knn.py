@@ -2,7 +2,7 @@
 
 Each query's ``k`` most similar training features vote for their label with weight
 ``exp(cos_sim / T)``. Pixel-only models score low here at short schedules, so never gate a
-model on kNN alone (METHOD.md).
+model on kNN alone (docs/METHOD.md).
 """
 
 from __future__ import annotations

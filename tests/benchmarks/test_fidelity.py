@@ -98,15 +98,22 @@ def test_comparisons_count_only_differences_beyond_the_seed_spread():
     assert one.verdict == "single seed" and one.spread is None
 
 
-def test_targets_are_judged_on_the_probe_and_missing_entries_are_undecided():
-    def run(entry, seed, top1):
-        return {"entry": entry, "seed": seed, "metrics": {"probe_top1": top1}}
+def test_targets_are_judged_beyond_spread_and_margin_and_missing_entries_are_undecided():
+    def run(entry, seed, top1, finetune=None):
+        return {"entry": entry, "seed": seed,
+                "metrics": {"probe_top1": top1, "finetune_top1": finetune}}
 
-    results = [run("pilamim", s, 0.80 + 0.01 * s) for s in range(3)]
+    results = [run("pilamim", s, 0.80 + 0.01 * s, 0.88 + 0.001 * s) for s in range(3)]
     results += [run("mae", s, 0.70 + 0.01 * s) for s in range(3)]
-    goals = {(g["a"], g["b"]): g for g in stats.targets(stats.table(results))}
-    assert goals[("pilamim", "mae")]["met"] is True
-    assert goals[("pilamim", "latent")]["met"] is None  # not run
+    results += [run("random_init", s, 0.75 + 0.01 * s, 0.86 + 0.001 * s) for s in range(3)]
+    goals = {(g["a"], g["b"], g["metric"]): g for g in stats.targets(stats.table(results))}
+    assert goals[("pilamim", "mae", "probe_top1")]["met"] is True
+    # 5 points beyond the spread, but the target asks for 8
+    probe_gain = goals[("pilamim", "random_init", "probe_top1")]
+    assert probe_gain["verdict"] == "wins" and probe_gain["met"] is False
+    assert "8 points" in probe_gain["text"]
+    assert goals[("pilamim", "random_init", "finetune_top1")]["met"] is True
+    assert goals[("pilamim", "latent", "probe_top1")]["met"] is None  # not run
 
 
 def test_low_level_bins_are_balanced_within_each_class_and_class_tells_nothing():
