@@ -221,6 +221,10 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
             monitor = {name: fl for name, fl in evals.items() if name != "test"}
             trained, curves, scores = [], [], []
             for base_lr, weight_decay in grid:
+                # Same init and batch order for every candidate: a grid entry trains exactly
+                # the head a run with that single value would.
+                torch.manual_seed(params.seed)
+                generator.manual_seed(params.seed)
                 curve = MemoryLogger()
                 trained.append(train_probe_head(batches, steps_per_epoch, dim, num_classes,
                                                 params, base_lr, weight_decay, batch, monitor,

@@ -132,6 +132,12 @@ def test_probe_grid_chooses_on_val_and_uses_test_once(encoder, splits):
     assert per_epoch == list(range(1, params.epochs + 1))
     assert not any("probe/test_top1" in row for s, row in logger.metrics[:-1])
 
+    # a grid entry trains exactly the head a run with that single value would
+    alone = run_linear_probe(encoder, splits["train"], evals, CLASSES,
+                             ProbeParams(**{**FAST, "base_lr": 100.0, "weight_decay": 1e-4}),
+                             "cpu")
+    assert alone["val"]["top1"] == grid[3]["val_top1"]
+
     scrambled = {"val": splits["val"], "test": _relabelled(splits["test"], 1)}
     m2 = run_linear_probe(encoder, splits["train"], scrambled, CLASSES, params, "cpu")
     assert m2["candidates"] == grid and m2["base_lr"] == m["base_lr"]
