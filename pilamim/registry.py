@@ -127,13 +127,20 @@ def version_metrics(version) -> dict[str, float]:
 
 
 def get_alias(client: MlflowClient, name: str, alias: str = CHAMPION):
-    """The version holding ``alias``, or None (no such alias or model yet)."""
+    """The version holding ``alias``, or None when the model or the alias does not exist.
+
+    "No champion" is a normal state (the first version fell below the floor, or a human
+    removed the alias), so this reads the model's alias map instead of catching the by-alias
+    lookup's error, whose code differs between stores (SQLite: INVALID_PARAMETER_VALUE).
+    """
     try:
-        return client.get_model_version_by_alias(name, alias)
+        model = client.get_registered_model(name)
     except MlflowException as err:
         if _is_missing(err):
             return None
         raise
+    version = (model.aliases or {}).get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
 
 
 def apply_decision(client: MlflowClient, name: str, version: str | int,

@@ -135,6 +135,25 @@ def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir)
         registry.promote("nope", 1)
 
 
+def test_a_model_without_champion_is_a_normal_state(tmp_path, params, encoder_dir):
+    """The first version below the floor leaves the model without @champion (and a human may
+    remove it): the next register and promote go on, as on an empty registry."""
+    write_prepared(tmp_path / "data" / "prepared")
+    params.register.floor = 0.3
+    first = _run_register(tmp_path, params, 0.10)
+    assert first["action"] == CHALLENGER
+    client = MlflowClient()
+    name = params.register.model_name
+    assert registry.get_alias(client, name, CHAMPION) is None
+    second = _run_register(tmp_path, params, 0.50)
+    assert second["action"] == CHAMPION and second["version"] == 2
+    client.delete_registered_model_alias(name, CHAMPION)
+    third = _run_register(tmp_path, params, 0.40)
+    assert third["action"] == CHAMPION and third["champion_version_before"] is None
+    assert CHAMPION in registry.promote(name, 2).aliases
+    assert [r["aliases"] for r in registry.list_models(name)][1] == [CHAMPION]
+
+
 def test_logged_models_embed_any_batch_size(tmp_path, params, encoder_dir):
     write_prepared(tmp_path / "data" / "prepared")
     record = _run_register(tmp_path, params, 0.5)

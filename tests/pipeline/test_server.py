@@ -96,6 +96,13 @@ def test_register_through_server_and_load_champion_in_fresh_process(
     assert f"SHAPE 3 {FEATURE_DIM}" in done.stdout
     assert json.loads((tmp_path / "metrics" / "register.json").read_text())["version"] == 1
 
+    # No @champion is a normal state on the server too (its error codes differ from SQLite's).
+    client = registry.registry_client()
+    client.delete_registered_model_alias(params.register.model_name, "champion")
+    assert registry.get_alias(client, params.register.model_name) is None
+    again = registry.register(params)
+    assert again["action"] == "champion" and again["champion_version_before"] is None
+
     # The server dying mid-stage ends the stage with one clear error, in bounded time.
     with pytest.raises(tracking.TrackingUnavailable, match="output files are saved"):
         with tracking.stage_run("probe", params, log_system_metrics=False) as run:
