@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work_dir or f"models/fidelity/{args.budget}").absolute()
     out = Path(args.out)
     entries = [e for e in runs.ENTRIES if not args.only or e in args.only]
-    todo = [(seed, entry) for seed in args.seeds for entry in entries]
+    todo = [(seed, entry) for entry in sorted(entries, key=runs.RUN_ORDER.index)
+            for seed in args.seeds]
     shared = with_paths(params, work, "shared", params.model.preset, 0)
     clash = runs.mismatched(out, todo, runs.fingerprint(shared))
     if clash:

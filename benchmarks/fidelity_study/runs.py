@@ -36,6 +36,9 @@ ENTRIES = PRESETS + FLOORS
 # Fine-tuning costs more than all the other protocols together; the question it answers is
 # whether pretraining pays over the untrained encoder, so those two are fine-tuned.
 FINETUNED = ("pilamim", "random_init")
+# Order of work: the entries the targets need first, every seed of one before the next, so an
+# interrupted study (rerun the same command to resume) already answers the main question.
+RUN_ORDER = ("pilamim", "random_init", "raw_pixels", "mae", "pilamim_nocls", "latent")
 RUNS_DIR = "fidelity_runs"
 TRACKED_GROUPS = ("data", "model", "pretrain", "probe", "finetune")
 

@@ -58,8 +58,8 @@ def test_micro_study_end_to_end_report_tracking_and_resume(tmp_path, capsys):
         assert set(run["metrics"]) == set(stats.METRICS)
         assert 0.0 <= run["metrics"]["probe_top1"] <= 1.0
         assert run["timing"]["total_s"] > 0
-    raw = next(r for r in data["runs"] if r["entry"] == "raw_pixels")
-    assert raw["metrics"]["finetune_top1"] is None  # no encoder to fine-tune
+    tuned = {r["entry"] for r in data["runs"] if r["metrics"]["finetune_top1"] is not None}
+    assert tuned == set(runs.FINETUNED)  # raw pixels have no encoder; presets skip it
 
     from mlflow.tracking import MlflowClient
 
@@ -149,3 +149,8 @@ def test_results_of_other_study_params_are_refused_not_mixed(tmp_path):
     assert runs.mismatched(tmp_path, todo, "other") == []
     kept, ignored = runs.load_results(tmp_path, "mine")
     assert kept == [] and ignored == [path]
+
+
+def test_run_order_covers_every_entry_once_and_fine_tunes_the_pair_the_target_needs():
+    assert sorted(runs.RUN_ORDER) == sorted(runs.ENTRIES)
+    assert set(runs.FINETUNED) == {"pilamim", "random_init"}
