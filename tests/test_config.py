@@ -85,3 +85,25 @@ def test_cli_help_lists_params():
     assert done.returncode == 0
     assert "params/pretrain.yaml" in done.stdout and "warmup_epochs" in done.stdout
     assert "params/model.yaml" in done.stdout and "preset" in done.stdout
+
+
+def test_empty_and_non_utf8_files_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "pretrain.yaml").write_text("")
+    with pytest.raises(ParamsError, match=r"pretrain\.yaml: the file is empty"):
+        load_params(tmp_path)
+    (tmp_path / "pretrain.yaml").write_bytes("epochs: 3  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match=r"pretrain\.yaml: not UTF-8"):
+        load_params(tmp_path)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("pretrain.epochs.x=1", "--set 'pretrain.epochs.x=1': pretrain.epochs is 10, not a group"),
+    ("pretrain.betas.first=0.8", "pretrain.betas is [0.9, 0.95], not a group"),
+    ("pretrain.epochs=many", "--set 'pretrain.epochs=many': key 'epochs'"),
+    ("pretrain.warmup_epochs=50", "pretrain.yaml with --set 'pretrain.warmup_epochs=50'"),
+])
+def test_every_malformed_set_is_blamed_on_the_set(tmp_path, override, expected):
+    (tmp_path / "pretrain.yaml").write_text("epochs: 10\nbetas: [0.9, 0.95]\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path, [override])
+    assert expected in str(err.value)
