@@ -9,9 +9,16 @@ is caught once, before any work starts, with the file, key, value and what is al
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    model_validator,
+)
 
 Preset = Literal["pilamim", "pilamim_nocls", "mae", "latent", "latent_cls"]
 ModelSize = Literal["micro", "mini", "tiny", "small", "base", "large"]
@@ -182,10 +189,11 @@ class ProbeParams(_Strict):
     epochs: int = Field(100, ge=1)
     warmup_epochs: int = Field(10, ge=0)
     batch_size: int = Field(256, ge=1)
-    base_lr: float | list[float] = Field(
-        [3.0, 10.0, 30.0, 100.0], description="lr = base_lr * batch / 256; a list is a grid: "
+    base_lr: PositiveFloat | Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
+        [1.0, 3.0, 10.0, 30.0, 100.0], description="lr = base_lr * batch / 256; a list is a grid: "
         "one head per value, the best on the val split is kept (test is never used to choose)")
-    weight_decay: float | list[float] = Field(0.0, description="a list is a grid, as base_lr")
+    weight_decay: NonNegativeFloat | Annotated[list[NonNegativeFloat], Field(min_length=1)] = Field(
+        0.0, description="a list is a grid, as base_lr")
     optimizer: Literal["lars", "sgd"] = "lars"
     augment: bool = Field(False, description="RRC + flip; false caches features once")
     knn_k: int = Field(20, ge=1)
@@ -196,14 +204,6 @@ class ProbeParams(_Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> ProbeParams:
-        for key, low in (("base_lr", 0.0), ("weight_decay", None)):
-            values = getattr(self, key)
-            values = values if isinstance(values, list) else [values]
-            if not values:
-                raise ValueError(f"{key} is an empty list; give one value or a list of them")
-            if any(v < 0 or (low is not None and v <= low) for v in values):
-                raise ValueError(f"{key} {getattr(self, key)}: every value must be "
-                                 + ("> 0" if low is not None else ">= 0"))
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
         return self

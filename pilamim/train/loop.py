@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from pilamim.callbacks import Logger, NullLogger
@@ -25,6 +25,8 @@ from pilamim.data.prepared import load_prepared
 from pilamim.data.pretrain_input import pretrain_input
 from pilamim.data.transforms import eval_transform
 from pilamim.device import resolve_device
+from pilamim.evaluate.features import extract_features
+from pilamim.evaluate.knn import knn_metrics
 from pilamim.io import atomic_write_json
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
@@ -140,6 +142,7 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     fixed_batch = (figure_batch(prepared, params, device)
                    if info.is_main and model.pixel_decoder is not None
                    and p.figure_every_epochs else None)
+    knn_sets = knn_monitor_sets(prepared, params) if info.is_main and p.knn_every_epochs else None
 
     def checkpoint(at_step: int) -> None:
         if info.is_main:
@@ -209,7 +212,8 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
             epoch_counted = 0
             if info.is_main:
                 if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
-                    epoch_metrics.update(_knn_monitor(model, prepared, params, device))
+                    epoch_metrics.update(_knn_monitor(model, *knn_sets, prepared.num_classes,
+                                                      device))
                 logger.log_metrics(epoch_metrics, step)
                 if fixed_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
                     logger.log_artifact(_save_figure(model, fixed_batch, params, prepared, epoch,
@@ -236,26 +240,25 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     return summary
 
 
-def _knn_monitor(model: PiLaMIM, prepared, params: Params, device: torch.device,
-                 max_bank: int = 3000) -> dict[str, float]:
-    """Cheap representation check while training: cosine kNN (k=20, T=0.07) of val on at most
-    ``max_bank`` training images, every n-th one (the manifest is in class order, so the
-    first ``max_bank`` would leave classes out).
-
-    Pixel-only models score low here early on; it is a monitor, never a gate (docs/METHOD.md).
-    """
-    from torch.utils.data import Subset
-
-    from pilamim.evaluate.features import extract_features
-    from pilamim.evaluate.knn import knn_metrics
-
+def knn_monitor_sets(prepared, params: Params,
+                     max_bank: int = 3000) -> tuple[Subset, ManifestDataset]:
+    """(memory bank, queries) for the kNN monitor, built once so each image is decoded once:
+    at most ``max_bank`` training images, every n-th one (the manifest is in class order, so
+    the first ``max_bank`` would leave classes out), and the val split (else test)."""
     tf = eval_transform(params.model.img_size, prepared.mean, prepared.std)
-    bank = ManifestDataset(prepared, "train", tf)
-    bank = Subset(bank, range(0, len(bank), max(1, -(-len(bank) // max_bank))))
-    query = ManifestDataset(prepared, "val" if prepared.split("val") else "test", tf)
+    train = ManifestDataset(prepared, "train", tf)
+    bank = Subset(train, range(0, len(train), max(1, -(-len(train) // max_bank))))
+    return bank, ManifestDataset(prepared, "val" if prepared.split("val") else "test", tf)
+
+
+def _knn_monitor(model: PiLaMIM, bank: Subset, query: ManifestDataset, num_classes: int,
+                 device: torch.device) -> dict[str, float]:
+    """Cheap representation check while training: cosine kNN (k=20, T=0.07) of ``query`` on
+    ``bank``. Pixel-only models score low here early on; a monitor, never a gate
+    (docs/METHOD.md)."""
     feats, labels = extract_features(model.encoder, bank, 256, device)
     qfeats, qlabels = extract_features(model.encoder, query, 256, device)
-    result = knn_metrics(feats, labels, qfeats, qlabels, prepared.num_classes)
+    result = knn_metrics(feats, labels, qfeats, qlabels, num_classes)
     return {f"pretrain/{k}": v for k, v in result.items()}
 
 
