@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError, hold_checkout
 from pilamim.config import GROUPS, ParamsError
 from pilamim.params_files import load_params
 from pilamim.stages import STAGE_GROUPS
@@ -84,12 +85,13 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
         return None
     params = load_params(args.params, args.overrides)
     if args.command == "run":
-        from flows.pipeline import pilamim_pipeline
-        from flows.prefect_api import check_prefect_api
+        with hold_checkout():  # before Prefect starts: a busy checkout is refused at once
+            from flows.pipeline import pilamim_pipeline
+            from flows.prefect_api import check_prefect_api
 
-        check_prefect_api()
+            check_prefect_api()
 
-        return pilamim_pipeline(params=params, params_dir=args.params, force=args.force)
+            return pilamim_pipeline(params=params, params_dir=args.params, force=args.force)
     from pilamim.stages.runner import execute
 
     return execute(args.command, params, track=not args.no_track)
@@ -102,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as err:
         print(f"pilamim {args.command}: invalid params:\n{err}", file=sys.stderr)
         return 2
+    except CheckoutBusyError as err:  # not a bug: no traceback, even with --debug
+        print(f"pilamim {args.command}: {err}", file=sys.stderr)
+        return EXIT_BUSY
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError, LookupError) as err:
         if args.debug:
             raise

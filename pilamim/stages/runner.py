@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pilamim.checkout_lock import hold_checkout
 from pilamim.config import Params
 from pilamim.stages import STAGE_GROUPS, STAGES
 
@@ -43,7 +44,15 @@ def execute(stage: str, params: Params, *, track: bool = True) -> dict[str, Any]
     """Run ``stage``; with ``track`` (the default) inside its own MLflow run.
 
     Under torchrun only rank 0 records: one stage run per job, not one per process.
+    Every entrance comes through here, so here the stage holds the checkout
+    (:mod:`pilamim.checkout_lock`): a second run in the same working directory is refused
+    instead of overwriting this one's outputs; the flow's own calls and processes pass.
     """
+    with hold_checkout():
+        return _execute(stage, params, track=track)
+
+
+def _execute(stage: str, params: Params, *, track: bool) -> dict[str, Any]:
     module = stage_module(stage)
     check_inputs(stage, params)
     if not track or int(os.environ.get("RANK", "0")) != 0:

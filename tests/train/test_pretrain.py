@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_changed_recipe_starts_over_and_keeps_the_old_checkpoint(tmp_path, tiny_
     log = MemoryLogger()
     pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=1, lr=5e-4), log)
     assert len(log.series("pretrain/loss")) == 210 // 16  # trained again from step 0
-    assert (tmp_path / "models/pretrain/previous-checkpoint.pt").exists()
+    # the old recipe's checkpoint is kept under its own key (tests/train/test_checkpoint_faults)
+    assert len(list((tmp_path / "models/pretrain").glob("checkpoint-*.pt"))) == 1
     longer = MemoryLogger()  # more epochs only: continues from the checkpoint
     pretrain(micro_run_params(tmp_path, tiny_prepared, epochs=2, lr=5e-4), longer)
     assert len(longer.series("pretrain/loss")) == 210 // 16
@@ -93,7 +95,7 @@ def test_device_input_pipeline_trains_and_resumes_a_pil_run(tmp_path, tiny_prepa
     assert len(losses) == 2 * (210 // 16)  # epochs 2 and 3 only
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
-    assert not (tmp_path / "models/pretrain/previous-checkpoint.pt").exists()
+    assert not list((tmp_path / "models/pretrain").glob("checkpoint-*.pt"))  # same recipe
 
 
 class _Interrupt(Exception):
@@ -155,9 +157,16 @@ def _cli(workdir, params, *extra, world=1):
     return [*launcher, "pretrain", "--params", str(pdir), *extra], env
 
 
+def _workdir(cmd):
+    """The run's own checkout (its params folder's parent): each run holds its working
+    directory (pilamim.checkout_lock), so runs started from one folder would refuse each
+    other."""
+    return Path(cmd[cmd.index("--params") + 1]).parent
+
+
 def _run_ok(cmd, env):
     """Run a stage command; on failure show its stderr (CalledProcessError hides it)."""
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=_workdir(cmd))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -170,7 +179,8 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared)
 
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common))
     ckpt = cut_dir / "models/pretrain/checkpoint.pt"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=_workdir(cmd))
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -206,7 +216,7 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common), world=2)
     ckpt = cut_dir / "models/pretrain/checkpoint.pt"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, cwd=_workdir(cmd))
     deadline = time.time() + 180
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
