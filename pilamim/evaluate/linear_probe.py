@@ -28,7 +28,7 @@ from pilamim.evaluate.features import extract_features, make_loader
 from pilamim.evaluate.knn import knn_metrics
 from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
 from pilamim.evaluate.seeding import seeded
-from pilamim.io import atomic_torch_save
+from pilamim.io import OutputBatch, atomic_write
 from pilamim.schedules import cosine_with_warmup, set_lr
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]
@@ -163,7 +163,8 @@ def train_probe_head(batches: Batches, steps_per_epoch: int, dim: int, num_class
 def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[str, Dataset],
                      classes: Sequence[str], params: ProbeParams, device: torch.device | str,
                      logger: Logger | None = None, *, knn_train_ds: Dataset | None = None,
-                     head_path: str | Path | None = None) -> dict[str, Any]:
+                     head_path: str | Path | None = None,
+                     outputs: OutputBatch | None = None) -> dict[str, Any]:
     """Train a linear probe on the frozen ``encoder``; return metrics per eval split.
 
     With several (base_lr, weight_decay) candidates (lists in ``params``) one head is trained
@@ -180,7 +181,8 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
 
     kNN uses the training features as memory bank; with ``params.augment`` those are
     augmented, so pass ``knn_train_ds`` (same images, eval transform) to get kNN numbers
-    (without it kNN is skipped in that mode). ``head_path`` saves the kept head.
+    (without it kNN is skipped in that mode). ``head_path`` saves the kept head (staged in
+    ``outputs`` when given, to appear together with the stage's other outputs).
     """
     logger = NullLogger() if logger is None else logger
     device = torch.device(device)
@@ -262,16 +264,18 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
                   candidates=[{"base_lr": lr, "weight_decay": wd, f"{SELECTION_SPLIT}_top1": v}
                               for (lr, wd), v in zip(grid, scores, strict=True)])
     if head_path is not None:
-        save_probe_head(head, classes, head_path)
+        save_probe_head(head, classes, head_path, outputs)
     return result
 
 
-def save_probe_head(head: nn.Module, classes: Sequence[str], path: str | Path) -> Path:
-    """``{"state_dict", "feature_dim", "classes"}`` written atomically with ``torch.save``."""
+def save_probe_head(head: nn.Module, classes: Sequence[str], path: str | Path,
+                    batch: OutputBatch | None = None) -> Path:
+    """``{"state_dict", "feature_dim", "classes"}`` written atomically with ``torch.save``
+    (or staged in ``batch``)."""
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    linear = head[1]
-    return atomic_torch_save({"state_dict": state, "feature_dim": linear.in_features,
-                              "classes": list(classes)}, path)
+    saved = {"state_dict": state, "feature_dim": head[1].in_features, "classes": list(classes)}
+    write = batch.write if batch is not None else atomic_write
+    return write(path, lambda tmp: torch.save(saved, tmp))
 
 
 def load_probe_head(path: str | Path) -> tuple[nn.Sequential, list[str]]:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pilamim.io import atomic_write, atomic_write_json
+from pilamim.io import OutputBatch
 
 WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
@@ -25,15 +25,28 @@ _HEAD_KEYS = ("head.", "fc_norm.", "norm.")
 
 def export_encoder(encoder: nn.Module, model_name: str, kwargs: dict[str, Any],
                    out_dir: str | Path, extra: dict[str, Any] | None = None,
-                   stem: str = "encoder") -> Path:
-    """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically into ``out_dir``."""
+                   stem: str = "encoder", batch: OutputBatch | None = None) -> Path:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` into ``out_dir``, both or neither.
+
+    With ``batch`` the two files are only staged: they appear when the caller commits it with
+    the stage's other outputs (its metrics JSON last), so a failure later in the stage leaves
+    the previous export in place. Without, they are committed here, the spec last (readers
+    look for it first).
+    """
     out = Path(out_dir)
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in encoder.state_dict().items()}
-    atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp)))
     spec = {"model_name": model_name, "kwargs": kwargs, "feature_dim": encoder.embed_dim,
             "img_size": kwargs["img_size"], "in_chans": kwargs["in_chans"], **(extra or {})}
-    atomic_write_json(out / f"{stem}.json", spec)
+    staging = batch if batch is not None else OutputBatch()
+    try:
+        staging.write(out / f"{stem}.safetensors", lambda tmp: save_file(state, str(tmp)))
+        staging.write_json(out / f"{stem}.json", spec)
+        if batch is None:
+            staging.commit()
+    except BaseException:
+        staging.discard()  # the stage failed: none of its staged outputs may appear
+        raise
     return out
 
 

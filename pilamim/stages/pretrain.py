@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.train import pretrain
-from pilamim.train.checkpoint import CHECKPOINT
 from pilamim.train.distributed import launch_rank
+from pilamim.train.loop import resume_step
 
 CURVE_COLUMNS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "lr", "feature_std")
 KNN_COLUMNS = ("knn_top1", "knn_top5")
@@ -25,20 +23,13 @@ def data_dir(params: Params) -> str | None:
     return params.pretrain.data_dir
 
 
-def _resume_step(out_dir: Path) -> int | None:
-    ckpt = out_dir / CHECKPOINT
-    if not ckpt.exists():
-        return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"])
-
-
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     p = params.pretrain
     out = Path(p.out_dir)
     # Under torchrun only rank 0 writes rows; any other rank rewriting the file would race it.
     curves: list[Logger] = []
     if launch_rank() == 0:
-        resume = _resume_step(out)
+        resume = resume_step(params)
         curves = [CSVLogger(p.plots_path, CURVE_COLUMNS, prefix="pretrain/",
                             resume_from_step=resume),
                   CSVLogger(p.knn_plots_path, KNN_COLUMNS, prefix="pretrain/",

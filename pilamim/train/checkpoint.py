@@ -1,18 +1,60 @@
-"""Full-state checkpoints for exact resume, written atomically.
+"""Full-state checkpoints for exact resume, written atomically, one per recipe.
 
 Only plain tensors and containers are stored, so ``torch.load(weights_only=True)`` reads them.
+
+Why one checkpoint per recipe, and not one backup slot: a run of a changed recipe used to move
+``checkpoint.pt`` to ``previous-checkpoint.pt`` before it trained. When that run then failed
+(a NaN at step 3), going back to the good recipe started from step 0, and the next change
+overwrote the only backup. Now nothing is moved until a run has finished:
+
+* ``checkpoint.pt`` belongs to the recipe whose encoder was exported last (or to the first run
+  while it trains). A rerun of that recipe resumes it, after a SIGKILL too; it is what DVC
+  versions in ``models/pretrain`` (``persist: true``, so it survives ``dvc repro``).
+* A run of any other recipe trains in ``checkpoint-<key>.pt`` beside it, ``<key>`` a hash of the
+  meta that :func:`stale_reason` compares, and leaves ``checkpoint.pt`` alone. Only when that
+  run has completed and exported its encoder does its checkpoint become ``checkpoint.pt``
+  (:func:`stage_promotion`); the one it replaces moves to its own ``checkpoint-<key>.pt``. So a
+  failed run changes nothing but its own file, and going back to a kept recipe resumes it.
+* Each kept checkpoint is a full model and optimizer state, so at most :data:`KEPT_RECIPES`
+  stay beside ``checkpoint.pt``; the least recently trained goes first.
+
+Keying by recipe rather than "keep the old one until the new one saved once" is what makes
+every recipe resumable (not only the last two) and needs no bookkeeping file: the name says
+whose state it is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pilamim.io import atomic_torch_save
+from pilamim.io import OutputBatch, atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
+# Other recipes' checkpoints kept beside checkpoint.pt (each a full model + optimizer state).
+KEPT_RECIPES = 3
+_KEYED_GLOB = "checkpoint-*.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read (torn copy, foreign file): the message says which."""
+
+
+def recipe_key(meta: dict[str, Any]) -> str:
+    """A short stable hash of a run's meta: equal metas, equal keys (hence one file each)."""
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipe_checkpoint(out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Where a run of ``meta`` keeps its checkpoint while ``checkpoint.pt`` belongs to another."""
+    return Path(out_dir) / f"checkpoint-{recipe_key(meta)}.pt"
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -28,12 +70,23 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     return atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: str | Path, device: torch.device) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, device: torch.device | str,
+                    *, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint; an unreadable one is a :class:`CheckpointError` naming the file and
+    the one thing to do (torch's own message names neither, and can run to many lines)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # a torn or foreign file: say which and what to do
-        raise RuntimeError(
-            f"cannot read checkpoint {path}: {err}; delete it to start over") from err
+        state = torch.load(path, map_location="cpu" if mmap else device, weights_only=True,
+                           mmap=mmap)
+        if not isinstance(state, dict) or not {"step", "meta", "model"} <= state.keys():
+            raise ValueError("not a pilamim checkpoint")
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"cannot read the checkpoint {path} ({type(err).__name__}: {first_line}): it is torn "
+            "(a copy or download cut short?) or not a pilamim checkpoint. Delete that one file "
+            f"to train this recipe from step 0 (rm '{path}'); the exported encoder, metrics and "
+            "other checkpoints stay as they are") from err
+    return state
 
 
 def stale_reason(saved_meta: dict[str, Any], meta: dict[str, Any]) -> str | None:
@@ -46,3 +99,66 @@ def stale_reason(saved_meta: dict[str, Any], meta: dict[str, Any]) -> str | None
     if not changed:
         return None
     return "; ".join(f"{k}: {saved_meta.get(k)!r} -> {meta[k]!r}" for k in changed)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run saves its checkpoints and what it continues from."""
+
+    path: Path                      # this run's checkpoint file
+    state: dict[str, Any] | None    # the state it continues from; None: from step 0
+    other_reason: str | None        # why checkpoint.pt (left alone) cannot continue this run
+    other_meta: dict[str, Any] | None  # that checkpoint's meta: its key once this run completes
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"]) if self.state is not None else 0
+
+
+def find_resume(out_dir: str | Path, meta: dict[str, Any], device: torch.device | str,
+                *, mmap: bool = False) -> Resume:
+    """``checkpoint.pt`` if it is this recipe's, else this recipe's own kept checkpoint, else a
+    fresh start: in ``checkpoint.pt`` when there is none, beside it when it belongs to another
+    recipe (so that one is untouched until this run completes)."""
+    out_dir = Path(out_dir)
+    canonical = out_dir / CHECKPOINT
+    other_reason = other_meta = None
+    if canonical.exists():
+        state = load_checkpoint(canonical, device, mmap=mmap)
+        other_reason = stale_reason(state["meta"], meta)
+        if other_reason is None:
+            return Resume(canonical, state, None, None)
+        other_meta = state["meta"]
+        del state  # on a GPU: free it before loading the next one
+    own = recipe_checkpoint(out_dir, meta)
+    if own.exists():
+        state = load_checkpoint(own, device, mmap=mmap)
+        if stale_reason(state["meta"], meta) is None:
+            return Resume(own, state, other_reason, other_meta)
+    return Resume(own if canonical.exists() else canonical, None, other_reason, other_meta)
+
+
+def stage_promotion(resume: Resume, out_dir: str | Path, batch: OutputBatch) -> None:
+    """Add to ``batch`` the renames that make this completed run's checkpoint ``checkpoint.pt``,
+    filing the one it replaces under that one's own key (committed with the exported encoder,
+    so ``checkpoint.pt`` and ``encoder.safetensors`` belong to the same recipe)."""
+    canonical = Path(out_dir) / CHECKPOINT
+    if resume.path == canonical:
+        return
+    if canonical.exists() and resume.other_meta is not None:
+        os.utime(canonical)  # it was just in use: keep it before older ones when pruning
+        batch.move(canonical, recipe_checkpoint(out_dir, resume.other_meta))
+    batch.move(resume.path, canonical)
+
+
+def prune_recipe_checkpoints(out_dir: str | Path, keep: int = KEPT_RECIPES,
+                             protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep`` most recently written ``checkpoint-<key>.pt`` files, counting
+    ``protect`` (the running recipe's, which may not exist yet) as one kept; returns the
+    deleted paths."""
+    kept = [p for p in Path(out_dir).glob(_KEYED_GLOB) if p != protect]
+    kept.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    room = max(keep - (protect is not None and protect.match(_KEYED_GLOB)), 0)
+    for path in kept[room:]:
+        path.unlink(missing_ok=True)
+    return kept[room:]

@@ -1,11 +1,15 @@
 """The pretraining loop: resumable, DDP-aware, no host sync per step on the GPU.
 
 Reports through a :class:`pilamim.callbacks.Logger`; writes the checkpoint, the exported encoder,
-reconstruction figures and ``metrics/pretrain.json``.
+reconstruction figures and ``metrics/pretrain.json``. Its output folders are checked writable
+before anything else (a read-only ``metrics/`` is not found after the training), and the end
+of a run (checkpoint promotion, encoder, metrics JSON last) is one :class:`OutputBatch`: all
+of it appears, or none. Which checkpoint a run resumes: :mod:`pilamim.train.checkpoint`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -27,15 +31,22 @@ from pilamim.data.transforms import eval_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.features import extract_features
 from pilamim.evaluate.knn import knn_metrics
-from pilamim.io import atomic_write_json
+from pilamim.io import OutputBatch, ensure_writable
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
 from pilamim.recipes import resolve_crop_scale
-from pilamim.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, stale_reason
+from pilamim.train.checkpoint import (
+    CHECKPOINT,
+    Resume,
+    find_resume,
+    prune_recipe_checkpoints,
+    save_checkpoint,
+    stage_promotion,
+)
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
 from pilamim.train.sampler import EpochSampler
-from pilamim.train.step import LOSS_TERMS, Plan, TrainStep, build_training
+from pilamim.train.step import LOSS_TERMS, TrainStep, build_training
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,11 +61,27 @@ _BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "
                 "knn_every_epochs", "num_workers", "compile", "precision", "input_pipeline"}
 
 
-def _meta(params: Params, in_chans: int, plan: Plan, digest: str) -> dict[str, Any]:
+def _meta(params: Params, in_chans: int, global_batch: int, digest: str) -> dict[str, Any]:
     recipe = {k: v for k, v in params.pretrain.model_dump(mode="json").items()
               if k not in _BOOKKEEPING}
     return {"model": params.model.model_dump(mode="json"), "in_chans": in_chans,
-            "global_batch": plan.global_batch, "dataset_digest": digest, "recipe": recipe}
+            "global_batch": global_batch, "dataset_digest": digest, "recipe": recipe}
+
+
+def resume_step(params: Params) -> int:
+    """The step ``pretrain(params)`` will continue from (0: it starts over), read without
+    building the model, so the stage can trim its loss-curve CSV to match before it trains.
+
+    Asks the same question as the loop (:func:`find_resume`): ``checkpoint.pt`` may belong to
+    another recipe, and then this recipe's own kept checkpoint (or none) decides. An unreadable
+    checkpoint is the same :class:`CheckpointError` the loop would raise, naming the file.
+    """
+    p = params.pretrain
+    prepared = load_prepared(p.data_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    meta = _meta(params, prepared.channels, p.batch_size * p.accum_steps * world,
+                 prepared.digest)
+    return find_resume(p.out_dir, meta, "cpu", mmap=True).step
 
 
 # The reconstruction figure shows one image per class, up to this many classes.
@@ -105,6 +132,8 @@ def pretrain(params: Params, logger: Logger | None = None) -> dict[str, Any]:
 
 def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     p = params.pretrain
+    if info.is_main:  # before any work: a read-only output folder is no reason to train
+        ensure_writable([p.out_dir, Path(p.metrics_path).parent])
     device = resolve_device(p.device, info.local_rank)
     prepared = load_prepared(p.data_dir)
     # Decoded-image cache only in-process: workers would each hold (and drop) their own copy.
@@ -116,26 +145,18 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     model, optimizer, plan, mask_gen = build_training(params, prepared.channels, len(train_set),
                                                       info, device)
     out_dir = Path(p.out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-    meta = _meta(params, prepared.channels, plan, prepared.digest)
-    step = 0
-    state = load_checkpoint(ckpt_path, device) if ckpt_path.exists() else None
-    reason = stale_reason(state["meta"], meta) if state is not None else None
-    if reason:  # a new experiment: keep the old state beside it, start from scratch
-        if info.is_main:
-            os.replace(ckpt_path, out_dir / f"previous-{CHECKPOINT}")
-            print(f"{ckpt_path} belongs to other settings ({reason}); starting over, the old "
-                  f"checkpoint is kept as previous-{CHECKPOINT}")
-        barrier(info)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        mask_gen.set_state(state["mask_generator"].cpu())
-        torch.set_rng_state(state["cpu_rng"].cpu())
-        step = int(state["step"])
-        if info.is_main and step:
-            print(f"resuming from {ckpt_path} at step {step}/{plan.total_steps}")
+    meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
+    resume = find_resume(out_dir, meta, device)
+    ckpt_path = resume.path
+    barrier(info)  # every rank has read its state before rank 0 deletes anything
+    if info.is_main:
+        _announce(resume, out_dir, plan.total_steps)
+        if ckpt_path.name != CHECKPOINT:
+            prune_recipe_checkpoints(out_dir, protect=ckpt_path)
+    step = resume.step
+    if resume.state is not None:
+        _restore(resume.state, model, optimizer, mask_gen)
+    resume = dataclasses.replace(resume, state=None)  # the loaded state is not needed any more
 
     train_step = TrainStep(model, optimizer, plan, mask_gen, info, device)
     sampler = EpochSampler(len(train_set), info.world, info.rank, p.seed)
@@ -230,14 +251,45 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
                "train_images": len(train_set), "wall_time_s": time.perf_counter() - t_start,
                "dataset_digest": prepared.digest}
     if info.is_main:
-        name, kwargs = model.encoder_spec()
+        summary.update(_final_losses(model, prepared, params, device))
+        _commit_outputs(model, resume, prepared, params, summary)
+    return summary
+
+
+def _restore(state: dict[str, Any], model: PiLaMIM, optimizer: torch.optim.Optimizer,
+             mask_gen: torch.Generator) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    mask_gen.set_state(state["mask_generator"].cpu())
+    torch.set_rng_state(state["cpu_rng"].cpu())
+
+
+def _announce(resume: Resume, out_dir: Path, total_steps: int) -> None:
+    """Say which checkpoint this run continues, and that a recipe change moved nothing."""
+    if resume.other_reason:
+        print(f"{out_dir / CHECKPOINT} belongs to other settings ({resume.other_reason}); it "
+              f"stays as it is, and this recipe trains in {resume.path}, which replaces it "
+              "only when this run completes")
+    if resume.step:
+        print(f"resuming from {resume.path} at step {resume.step}/{total_steps}")
+
+
+def _commit_outputs(model: PiLaMIM, resume: Resume, prepared, params: Params,
+                    summary: dict[str, Any]) -> None:
+    """The run's outputs, together or not at all: this recipe's checkpoint becomes
+    ``checkpoint.pt``, then the encoder, then ``metrics/pretrain.json`` (last: DVC and the
+    next stages read it). A failure before the renames leaves the previous outputs intact."""
+    p = params.pretrain
+    out_dir = Path(p.out_dir)
+    name, kwargs = model.encoder_spec()
+    with OutputBatch() as batch:
+        stage_promotion(resume, out_dir, batch)
         export_encoder(model.encoder, name, kwargs, out_dir,
                        extra={"mean": list(prepared.mean), "std": list(prepared.std),
-                              "preset": params.model.preset,
-                              "dataset_digest": prepared.digest})
-        summary.update(_final_losses(model, prepared, params, device))
-        atomic_write_json(p.metrics_path, summary)
-    return summary
+                              "preset": params.model.preset, "dataset_digest": prepared.digest},
+                       batch=batch)
+        batch.write_json(p.metrics_path, summary)  # committed when the block ends
+    prune_recipe_checkpoints(out_dir)
 
 
 def knn_monitor_sets(prepared, params: Params,
