@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pilamim.data.bit_depth import to_8bit
 from pilamim.data.prepared import PreparedDataset
 from pilamim.data.transforms import to_normalized_tensor
 
@@ -73,7 +74,7 @@ class ManifestDataset(Dataset):
             from PIL import Image
 
             with Image.open(self.paths[index]) as raw:
-                image = raw.convert(self.mode)  # convert() returns a loaded copy
+                image = to_8bit(raw, self.mode)  # a loaded copy; 16-bit scaled, not clipped
             if self.cache:
                 self._images[index] = image
         return image

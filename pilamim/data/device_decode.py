@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pilamim.data.bit_depth import tensor_to_8bit, to_8bit
 from pilamim.data.dataset import augmentation_seed
 from pilamim.data.prepared import PreparedDataset
 
@@ -110,12 +111,12 @@ class DeviceCropResize:
         from torchvision.io import decode_image
 
         try:
-            return decode_image(data, mode=mode)
+            return tensor_to_8bit(decode_image(data, mode=mode))  # 16-bit PNGs decode as uint16
         except RuntimeError:  # a format torchvision's decoders lack; prepare checked PIL reads it
             from PIL import Image
 
             with Image.open(io.BytesIO(data.numpy().tobytes())) as raw:
-                array = np.asarray(raw.convert("L" if self.channels == 1 else "RGB"))
+                array = np.asarray(to_8bit(raw, "L" if self.channels == 1 else "RGB"))
             return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).copy()
                                     ).permute(2, 0, 1)
 

@@ -5,6 +5,13 @@ its own generator seeded with ``(seed, class index)``, and floats are rounded be
 written, so the same inputs give byte-identical ``manifest.csv`` and ``dataset.json``. The
 digest (sha256 of the manifest bytes) is therefore a stable data version that every model can
 be traced back to.
+
+Mean and std are measured on images as the model sees them: every training image is decoded at
+no more than the size needed (JPEG draft mode), brought to 8 bits (16-bit values scaled, not
+clipped), resized to ``img_size`` x ``img_size`` and only then summed in float64, so each image
+counts once whatever its resolution and a huge image never becomes a huge float array. Images
+over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, a decompression bomb guard) are treated
+like undecodable ones: skipped and listed, or refused with ``bad_images: fail``.
 """
 
 from __future__ import annotations
@@ -15,13 +22,15 @@ import io
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pilamim.config import DataParams
+from pilamim.config import DataParams, ModelParams
+from pilamim.data.bit_depth import to_8bit
 from pilamim.data.errors import DataError
 from pilamim.data.prepared import (
     DATASET_FILE,
@@ -31,20 +40,23 @@ from pilamim.data.prepared import (
     PreparedDataset,
     load_prepared,
 )
-from pilamim.data.sources import check_image_root, image_root, materialize
+from pilamim.data.sources import check_image_root, image_root, materialize, read_fetch_report
 from pilamim.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"})
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 STAT_DECIMALS = 6
 MAX_BAD_LISTED = 20
+# The model's default input size; the size mean/std are measured at unless told otherwise.
+DEFAULT_IMG_SIZE: int = ModelParams.model_fields["img_size"].default
 
 
 @dataclass(frozen=True)
 class _Checked:
-    """One usable image: where it is, its hash, and pixel sums for mean/std."""
+    """One usable image: where it is, its hash, and pixel sums for mean/std (over the image
+    resized to ``img_size``, so ``pixels`` is the same for every image)."""
 
     rel: str
     sha256: str
@@ -54,13 +66,18 @@ class _Checked:
     squares: tuple[float, float, float]
 
 
-def prepare(params: DataParams, fetch: bool = True) -> PreparedDataset:
+def prepare(params: DataParams, fetch: bool = True,
+            img_size: int = DEFAULT_IMG_SIZE) -> PreparedDataset:
     """Validate and split the source's images, write manifest + dataset.json.
 
     Every non-hidden file below a class folder is a candidate; files PIL cannot fully decode
-    are listed in ``skipped`` (or fail the run with ``bad_images: fail``). With ``fetch`` the
-    source is materialised first; the ``prepare`` stage passes False and reads what the
-    ``fetch`` stage left under ``raw_dir`` (DVC versions that separately).
+    are listed in ``skipped``, together with what the fetch left out (links leading outside
+    the source), and class folders without usable images in ``empty_classes``. With
+    ``bad_images: fail`` any of these fails the run instead: a strict run must not quietly lose
+    a file or a whole class (which changes the number of classes a model is trained for).
+    With ``fetch`` the source is materialised first; the ``prepare`` stage passes False and
+    reads what the ``fetch`` stage left under ``raw_dir`` (DVC versions that separately).
+    ``img_size`` is the model's input size, the size mean/std are measured at.
     """
     root = materialize(params) if fetch else image_root(params)
     if not root.is_dir():
@@ -82,31 +99,26 @@ def prepare(params: DataParams, fetch: bool = True) -> PreparedDataset:
             for rel in order:
                 if cap and len(good) >= cap:
                     break
-                checked = _check_image(root, rel, skipped)
+                checked = _check_image(root, rel, skipped, img_size)
                 if checked is not None:
                     good.append(checked)
                 bar.update()
             kept[name] = good
 
-    skipped.sort(key=lambda s: s["path"])
-    if skipped and params.bad_images == "fail":
-        listed = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped[:MAX_BAD_LISTED])
-        more = f"\n  ... and {len(skipped) - MAX_BAD_LISTED} more" if (
-            len(skipped) > MAX_BAD_LISTED) else ""
-        raise DataError(
-            f"{len(skipped)} unreadable image(s) under {root} (data.bad_images: fail):\n"
-            f"{listed}{more}\nRemove or fix them, or set data.bad_images: skip."
-        )
+    fetched = read_fetch_report(root)
+    skipped = sorted(skipped + fetched.skipped, key=lambda s: s["path"])
+    empty = sorted({name for name in classes if not kept[name]} | set(fetched.empty_classes))
+    if (skipped or empty) and params.bad_images == "fail":
+        raise DataError(_refusal(root, skipped, empty))
     for entry in skipped:
         log.warning("skipping %s: %s", entry["path"], entry["reason"])
 
-    empty = [name for name in classes if not kept[name]]
     classes = [name for name in classes if kept[name]]
     if not classes:
-        raise DataError(f"no usable images under {root} ({len(skipped)} unreadable); "
+        raise DataError(f"no usable images under {root} ({len(skipped)} unusable); "
                         "expected <folder>/<class name>/<image files> that PIL can decode")
     if empty:
-        log.warning("classes without usable images are left out: %s", ", ".join(empty))
+        log.warning("class folders without usable images are left out: %s", ", ".join(empty))
 
     rows: list[tuple[str, str, str, str]] = []
     train: list[_Checked] = []
@@ -135,6 +147,7 @@ def prepare(params: DataParams, fetch: bool = True) -> PreparedDataset:
         "std": std,
         "counts": {s: {name: counts[s].get(name, 0) for name in classes} for s in SPLITS},
         "num_images": {**{s: sum(counts[s].values()) for s in SPLITS}, "total": len(rows)},
+        "stats_img_size": img_size,
         "skipped": skipped,
         "empty_classes": empty,
         "split": {"seed": params.seed, "val_fraction": params.val_fraction,
@@ -179,7 +192,7 @@ def describe(prepared: PreparedDataset) -> str:
         lines.append(f"{split:>5}: {len(prepared.split(split))}")
     lines.append("classes: " + ", ".join(prepared.classes))
     if prepared.skipped:
-        lines.append(f"skipped {len(prepared.skipped)} unreadable file(s)")
+        lines.append(f"skipped {len(prepared.skipped)} unusable file(s)")
     return "\n".join(lines)
 
 
@@ -197,16 +210,28 @@ def _list_files(root: Path, class_name: str) -> list[str]:
     return sorted(found)
 
 
-def _check_image(root: Path, rel: str, skipped: list[dict[str, str]]) -> _Checked | None:
-    """Decode the whole file; return its hash and pixel sums, or record why it is unusable."""
-    from PIL import Image
+def _refusal(root: Path, skipped: list[dict[str, str]], empty: list[str]) -> str:
+    """The ``bad_images: fail`` message: every problem, listed (the first few), and the fix."""
+    lines = []
+    if skipped:
+        lines.append(f"{len(skipped)} unusable file(s) under {root} (data.bad_images: fail):")
+        lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:MAX_BAD_LISTED]]
+        if len(skipped) > MAX_BAD_LISTED:
+            lines.append(f"  ... and {len(skipped) - MAX_BAD_LISTED} more")
+    if empty:
+        lines.append(f"{len(empty)} class folder(s) without usable images under {root} "
+                     f"(data.bad_images: fail): {', '.join(empty)}")
+    lines.append("Remove or fix them (add images to an empty class folder or remove it), "
+                 "or set data.bad_images: skip.")
+    return "\n".join(lines)
 
+
+def _check_image(root: Path, rel: str, skipped: list[dict[str, str]],
+                 img_size: int) -> _Checked | None:
+    """Decode the whole file; return its hash and pixel sums, or record why it is unusable."""
     try:
         data = (root / rel).read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            gray = img.mode in GRAY_MODES
-            array = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float64) / 255.0
+        array, gray = _model_view(data, img_size)
     except Exception as err:  # PIL raises many exception types for bad files
         skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"})
         return None
@@ -221,8 +246,54 @@ def _check_image(root: Path, rel: str, skipped: list[dict[str, str]]) -> _Checke
     return _Checked(rel, hashlib.sha256(data).hexdigest(), gray, pixels, sums, squares)
 
 
+def _model_view(data: bytes, img_size: int) -> tuple[np.ndarray, bool]:
+    """Decode every byte of an image file; return it as the model sees it, and whether it is gray.
+
+    The result is ``img_size`` x ``img_size`` in [0, 1] (float64, 1 or 3 channels): the whole
+    image resized like a full-frame ``RandomResizedCrop``, so every image weighs the same in
+    mean/std. Memory stays bounded: the pixel limit is checked from the header before any
+    decoding, JPEGs are decoded at reduced scale (draft mode still reads the whole file, so a
+    truncated one still fails) and float64 is only ever used at ``img_size``.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Over the limit PIL only warns below twice the limit; _refuse_bomb turns it into an error.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    with img:
+        _refuse_bomb(img)
+        gray = img.mode in GRAY_MODES
+        img.draft(None, (img_size, img_size))
+        img.load()
+        small = to_8bit(img, "L" if gray else "RGB").resize(
+            (img_size, img_size), Image.Resampling.BICUBIC)
+    return np.asarray(small, dtype=np.float64) / 255.0, gray
+
+
+def _refuse_bomb(img) -> None:
+    """Raise before decoding an image with more pixels than PIL's decompression-bomb limit.
+
+    PIL itself only refuses at twice its limit and merely warns in between, which lets a small
+    file expand into gigabytes; here the limit itself is the bound.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width} x {height} = {width * height:,} pixels is over the limit of {limit:,} "
+            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?); shrink the image, or raise "
+            "the limit if it is genuine"
+        )
+
+
 def _mean_std(train: list[_Checked], channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std of the training pixels, in [0, 1] units."""
+    """Per-channel mean and (population) std of the training pixels, in [0, 1] units.
+
+    The pixels are those of each image resized to ``img_size``, so each image weighs the same.
+    """
     pixels = sum(c.pixels for c in train)
     if pixels == 0:
         return [0.5] * channels, [0.5] * channels

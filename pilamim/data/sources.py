@@ -11,6 +11,18 @@ images came from:
 - ``s3://bucket/prefix``: mirrored into ``<raw_dir>/s3/<bucket>/<prefix>`` with boto3, which
   takes endpoint and credentials from the usual AWS settings (``AWS_ENDPOINT_URL``,
   ``AWS_ACCESS_KEY_ID`` ...). Unchanged objects (same ETag and size) are not downloaded again.
+
+A source never reaches outside itself, and a mirror never writes or deletes outside its own
+folder: names joined under ``raw_dir`` must be plain (see :func:`plain_parts`), every write and
+delete is checked against the resolved mirror folder (:func:`check_inside`), and in a local
+folder a symbolic link is followed only when it is a file link whose target stays inside the
+folder (then the target's bytes are mirrored). Links pointing outside, broken links and links to
+folders (never followed: loops, double counting) are skipped. What a source holds but its mirror
+leaves out (those links, and class folders without any file, which an image folder cannot
+carry through DVC) is logged as a warning and written to ``<mirror>/.pilamim-fetch.json``;
+``prepare`` lists it in ``dataset.json`` and, with ``bad_images: fail``, refuses it. The fetch
+itself never looks at ``bad_images``: the ``fetch`` stage does not depend on that setting, so its
+output must not either.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import tempfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +45,7 @@ from tqdm import tqdm
 
 from pilamim.config import DataParams
 from pilamim.data.embedded import SUBSET_PATH
-from pilamim.data.errors import DataError
+from pilamim.data.errors import DataError, check_inside, plain_parts
 from pilamim.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist
 from pilamim.data.s3_source import materialize_s3, parse_s3_uri
 from pilamim.io import atomic_write_json
@@ -42,7 +55,23 @@ log = logging.getLogger(__name__)
 EMBEDDED_DIR = "fashion-mnist"
 EMBEDDED_FULL_DIR = "fashion-mnist-full"
 MARKER = ".pilamim-source.json"
+FETCH_REPORT = ".pilamim-fetch.json"
 PNG_WRITER_THREADS = 4
+LINK_OUTSIDE = "symbolic link pointing outside the source folder"
+LINK_BROKEN = "symbolic link to nothing (broken) or to something that is not a file"
+LINK_FOLDER = "symbolic link to a folder (folder links are never followed)"
+
+
+@dataclass
+class FetchReport:
+    """What a source holds that its mirror leaves out; ``prepare`` reports (or refuses) it.
+
+    ``skipped`` entries look like ``prepare``'s own (``{"path", "reason"}``, paths relative to
+    the source) so ``dataset.json`` lists both kinds in one place.
+    """
+
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
 
 
 def image_root(params: DataParams) -> Path:
@@ -58,7 +87,19 @@ def image_root(params: DataParams) -> Path:
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_uri(source)
         return raw_dir / "s3" / bucket / prefix if prefix else raw_dir / "s3" / bucket
-    return raw_dir / "local" / Path(source).expanduser().absolute().name
+    return raw_dir / "local" / _local_name(source)
+
+
+def _local_name(source: str) -> str:
+    """The mirror folder name of a local source: its last path part, which must be a name.
+
+    ``/data/imgs/..`` or ``/`` would otherwise make the mirror folder ``raw_dir`` itself (or its
+    parent), and mirroring deletes whatever there is not in the source.
+    """
+    name = Path(source).expanduser().absolute().name
+    plain_parts(name, f"data.source {source!r}: its last part",
+                "name the image folder itself, without a trailing '..' (e.g. /data/images)")
+    return name
 
 
 def materialize(params: DataParams) -> Path:
@@ -70,22 +111,114 @@ def materialize(params: DataParams) -> Path:
             root = _materialize_idx(Path(params.embedded_idx_dir).expanduser(), raw_dir)
         else:
             root = _materialize_subset(SUBSET_PATH, raw_dir)
-    elif source.startswith("s3://"):
-        root = materialize_s3(source, image_root(params))
+        check_image_root(root, source)
+        return root
+    root = image_root(params)  # refuses bad names before anything is written
+    if source.startswith("s3://"):
+        report = FetchReport(empty_classes=materialize_s3(source, root,
+                                                          keep=frozenset({FETCH_REPORT})))
     else:
         folder = Path(source).expanduser().absolute()
         check_image_root(folder, source)
-        root = _mirror_local(folder, image_root(params))
+        _refuse_overlap(folder, root, source)
+        files, report = scan_local(folder)
+        _mirror_local(files, root)
+    _warn(report, source)
+    _save_fetch_report(root, report)
     check_image_root(root, source)
     return root
 
 
-def _mirror_local(source: Path, dest: Path) -> Path:
-    """Make ``dest`` a copy of ``source`` by hard links (a copy across file systems); files
-    unchanged since the last mirror (same size and mtime) are left alone, stale ones removed."""
-    wanted = {p.relative_to(source) for p in source.rglob("*") if p.is_file()}
-    for rel in sorted(wanted):
-        src, dst = source / rel, dest / rel
+def _save_fetch_report(root: Path, report: FetchReport) -> None:
+    """Write ``report`` into the mirror, only when it changed (a rerun leaves data/raw alone)."""
+    path = check_inside(root / FETCH_REPORT, root, "write")
+    if not path.is_file() or read_fetch_report(root) != report:
+        atomic_write_json(path, {"skipped": report.skipped,
+                                 "empty_classes": report.empty_classes})
+
+
+def read_fetch_report(root: Path) -> FetchReport:
+    """The :class:`FetchReport` a local or S3 mirror left in ``root`` (empty if none)."""
+    try:
+        saved = json.loads((root / FETCH_REPORT).read_text())
+    except (OSError, ValueError):
+        return FetchReport()
+    return FetchReport(list(saved.get("skipped", [])), list(saved.get("empty_classes", [])))
+
+
+def _warn(report: FetchReport, source: str) -> None:
+    for entry in report.skipped:
+        log.warning("data.source %s: leaving out %s: %s", source, entry["path"], entry["reason"])
+    if report.empty_classes:
+        log.warning("data.source %s: class folder(s) without any file: %s", source,
+                    ", ".join(report.empty_classes))
+
+
+def _refuse_overlap(folder: Path, dest: Path, source: str) -> None:
+    """Refuse a source folder that holds its own mirror (or lies inside it).
+
+    The mirror would copy itself on every fetch, or delete the source's files as stale.
+    """
+    a, b = folder.resolve(), dest.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(f"data.source {source!r} ({a}) overlaps its mirror folder {b} under "
+                        "raw_dir; keep the images in a folder of their own outside raw_dir")
+
+
+def scan_local(source: Path) -> tuple[dict[str, Path], FetchReport]:
+    """Every file of ``source`` to mirror (root-relative POSIX path -> path), and what is left out.
+
+    Folder links are listed, never entered; a file link is kept only when its target is a file
+    inside ``source`` (so a source never reaches outside itself). Class folders (non-hidden
+    top-level folders) left without any file are reported: the mirror cannot keep them.
+    """
+    real_root = source.resolve()
+    files: dict[str, Path] = {}
+    report = FetchReport()
+    for dirpath, dirnames, filenames in os.walk(source):  # does not enter linked folders
+        here = Path(dirpath)
+        dirnames.sort()
+        for name in dirnames:
+            if (here / name).is_symlink():
+                report.skipped.append({"path": _rel(here / name, source), "reason": LINK_FOLDER})
+        for name in sorted(filenames):
+            path = here / name
+            if not path.is_symlink():
+                if path.is_file():
+                    files[_rel(path, source)] = path
+                continue
+            target = Path(os.path.realpath(path))  # never raises, even on loops
+            reason = _link_problem(target, real_root)
+            if reason:
+                report.skipped.append({"path": _rel(path, source), "reason": reason})
+            else:  # os.link would link the link itself, which DVC would follow later
+                files[_rel(path, source)] = target
+    filled = {rel.split("/", 1)[0] for rel in files if "/" in rel}
+    report.empty_classes = [p.name for p in sorted(source.iterdir())
+                            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+                            and p.name not in filled]
+    report.skipped.sort(key=lambda s: s["path"])
+    return files, report
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _link_problem(target: Path, real_root: Path) -> str | None:
+    """Why a file link resolving to ``target`` may not be mirrored, or None when it may."""
+    if target != real_root and real_root not in target.parents:
+        return LINK_OUTSIDE
+    return None if target.is_file() else LINK_BROKEN
+
+
+def _mirror_local(files: dict[str, Path], dest: Path) -> Path:
+    """Make ``dest`` hold exactly ``files`` (plus our report), by hard links (a copy across file
+    systems); files unchanged since the last mirror (same size and mtime) are left alone, stale
+    ones removed. Every write and delete is checked to stay inside ``dest``."""
+    inside: set[Path] = set()
+    for rel in sorted(files):
+        src, dst = files[rel], check_inside(dest / rel, dest, "write", inside)
         st = src.stat()
         if dst.exists():
             dt = dst.stat()
@@ -101,11 +234,11 @@ def _mirror_local(source: Path, dest: Path) -> Path:
         os.replace(tmp, dst)
     if dest.exists():
         for path in sorted(dest.rglob("*"), reverse=True):
-            rel = path.relative_to(dest)
-            if path.is_file() and rel not in wanted:
-                path.unlink()
+            rel = path.relative_to(dest).as_posix()
+            if (path.is_file() or path.is_symlink()) and rel not in files and rel != FETCH_REPORT:
+                check_inside(path, dest, "delete", inside).unlink()
             elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+                check_inside(path, dest, "delete", inside).rmdir()
     return dest
 
 

@@ -10,7 +10,7 @@ STAGES = ("fetch", "prepare", "pretrain", "probe", "finetune", "register")
 # Which params groups each stage reads (its MLflow params, its DVC ``params:``).
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "fetch": ("data",),
-    "prepare": ("data",),
+    "prepare": ("data", "model"),  # model: only img_size (statistics at the input size)
     "pretrain": ("model", "pretrain"),
     "probe": ("probe",),
     "finetune": ("finetune",),

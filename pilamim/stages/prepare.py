@@ -22,7 +22,8 @@ def data_dir(params: Params) -> str | None:
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     logger = logger or NullLogger()
-    prepared = prepare(params.data, fetch=False)
+    # statistics over the images as the model sees them: each resized to its input size
+    prepared = prepare(params.data, fetch=False, img_size=params.model.img_size)
     out = Path(params.data.out_dir)
     for name in (DATASET_FILE, MANIFEST_FILE):
         logger.log_artifact(out / name)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +65,50 @@ def add_broken_images(folder: Path) -> tuple[Path, Path]:
     whole = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8))
     truncated.write_bytes(whole[: len(whole) // 2])
     return corrupt, truncated
+
+
+def huge_blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black 8-bit gray PNG of ``width`` x ``height`` that is tiny on disk.
+
+    Written row by row through one zlib stream, so even a decompression bomb (90 megapixels)
+    takes a fraction of a second and a few kilobytes of memory to make.
+    """
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then black pixels
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every entry below ``folder`` (links not followed) -> (kind or content hash, mtime_ns).
+
+    Comparing two snapshots shows whether anything there was written, deleted or replaced.
+    """
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            what = f"link->{os.readlink(path)}"
+        elif path.is_dir():
+            what = "dir"
+        else:
+            what = hashlib.sha256(path.read_bytes()).hexdigest()
+        found[path.relative_to(folder).as_posix()] = (what, st.st_mtime_ns)
+    return found
+
+
+def upload_tree(client, bucket: str, prefix: str, tree: Path) -> list[str]:
+    """Put every file below ``tree`` into ``bucket`` as ``<prefix>/<relative path>``."""
+    keys = []
+    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(tree).as_posix()}"
+        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        keys.append(key)
+    return keys

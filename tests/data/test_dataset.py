@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision import transforms as T
 
 from pilamim.config import DataParams
 from pilamim.data.dataset import ManifestDataset, augmentation_seed
-from pilamim.data.prepare import prepare
+from pilamim.data.prepare import DEFAULT_IMG_SIZE, prepare
 from pilamim.data.prepared import PreparedDataset
-from pilamim.data.transforms import eval_transform, pretrain_transform
+from pilamim.data.transforms import eval_transform, pretrain_transform, to_normalized_tensor
 from tests.data.helpers import make_tree
 
 
@@ -34,8 +35,13 @@ def test_items_have_the_right_shape_and_label(tmp_path: Path, mode: str, channel
         x, y = ds[i]
         assert x.dtype == torch.float32 and x.shape == (channels, 20, 24)
         assert y == prepared.classes.index(record.label) and isinstance(y, int)
-    # Normalised with the train statistics: roughly zero mean, unit std over the split.
-    stacked = torch.stack([ds[i][0] for i in range(len(ds))])
+    # Normalised with the train statistics, which are measured on the images resized to the
+    # model's size: there, roughly zero mean and unit std over the split.
+    side = (DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE)
+    seen = ManifestDataset(prepared, "train", T.Compose([
+        T.Resize(side, interpolation=T.InterpolationMode.BICUBIC),
+        to_normalized_tensor(prepared.mean, prepared.std)]))
+    stacked = torch.stack([seen[i][0] for i in range(len(seen))])
     assert abs(stacked.mean().item()) < 1e-3
     assert abs(stacked.std().item() - 1) < 1e-2
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pilamim.config import DataParams
 from pilamim.data.errors import DataError
-from pilamim.data.prepare import describe, prepare, split_sizes
+from pilamim.data.prepare import DEFAULT_IMG_SIZE, describe, prepare, split_sizes
 from pilamim.data.prepared import load_prepared
 from tests.data.helpers import add_broken_images, make_tree
 
@@ -43,7 +43,7 @@ def test_broken_images_are_skipped_and_listed(tmp_path: Path) -> None:
 def test_broken_images_fail_the_run_when_asked(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "imgs", {"a": 3})
     add_broken_images(root / "a")
-    with pytest.raises(DataError, match="2 unreadable") as err:
+    with pytest.raises(DataError, match="2 unusable file") as err:
         prepare(_params(root, tmp_path / "out", bad_images="fail"))
     assert "a/corrupt.png" in str(err.value) and "a/truncated.png" in str(err.value)
     assert not (tmp_path / "out").exists()
@@ -110,8 +110,10 @@ def test_mean_std_are_per_channel_on_the_train_split(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "imgs", {"a": 6, "b": 6}, mode="RGB")
     prepared = prepare(_params(root, tmp_path / "out"))
     assert prepared.channels == 3
+    size = (DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE)  # measured as the model sees the images
     pixels = np.concatenate([
-        np.asarray(Image.open(prepared.path_of(r)), dtype=np.float64).reshape(-1, 3) / 255
+        np.asarray(Image.open(prepared.path_of(r)).resize(size, Image.Resampling.BICUBIC),
+                   dtype=np.float64).reshape(-1, 3) / 255
         for r in prepared.split("train")
     ])
     np.testing.assert_allclose(prepared.mean, pixels.mean(axis=0), atol=1e-6)

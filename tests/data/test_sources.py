@@ -17,12 +17,13 @@ from pilamim.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from pilamim.data.prepare import prepare
 from pilamim.data.s3_source import S3_STATE
 from pilamim.data.sources import (
+    FETCH_REPORT,
     MARKER,
     _atomic_folder,
     encode_gray_png,
     materialize,
 )
-from tests.data.helpers import make_tree, png_bytes, write_idx
+from tests.data.helpers import make_tree, png_bytes, upload_tree, write_idx
 
 # ----------------------------------------------------------------------------- embedded
 
@@ -107,9 +108,12 @@ def test_local_folder_is_mirrored_under_raw_dir_by_hard_links(tmp_path: Path) ->
     params = DataParams(source=str(root), raw_dir=str(tmp_path / "raw"))
     mirror = materialize(params)
     assert mirror == tmp_path / "raw" / "local" / "imgs"
-    files = sorted(p.relative_to(mirror) for p in mirror.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(mirror) for p in mirror.rglob("*")
+                   if p.is_file() and p.name != FETCH_REPORT)
     assert files == sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
-    first = next(p for p in mirror.rglob("*") if p.is_file())
+    assert json.loads((mirror / FETCH_REPORT).read_text()) == {"empty_classes": [],
+                                                               "skipped": []}
+    first = next(p for p in sorted(mirror.rglob("*.png")) if p.is_file())
     assert first.stat().st_ino == (root / first.relative_to(mirror)).stat().st_ino
     # a file removed at the source disappears from the mirror on the next fetch
     (root / first.relative_to(mirror)).unlink()
@@ -137,15 +141,6 @@ def test_local_folder_without_class_folders_is_a_clear_error(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- S3
 
 
-def _upload_tree(client, bucket: str, prefix: str, tree: Path) -> list[str]:
-    keys = []
-    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
-        key = f"{prefix}/{path.relative_to(tree).as_posix()}"
-        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-        keys.append(key)
-    return keys
-
-
 def test_seaweedfs_rejects_wrong_credentials(s3_server) -> None:
     s3_server.client().list_buckets()
     for key, secret in ((s3_server.access_key, "wrong-secret"), ("NOSUCHKEY", "x")):
@@ -158,7 +153,7 @@ def test_s3_source_downloads_syncs_and_prepares(s3_env, tmp_path: Path) -> None:
     client = s3_env.client()
     client.create_bucket(Bucket="pilamim-images")
     tree = make_tree(tmp_path / "tree", {"cat": 4, "dog": 3}, mode="RGB")
-    _upload_tree(client, "pilamim-images", "sets/pets", tree)
+    upload_tree(client, "pilamim-images", "sets/pets", tree)
     client.put_object(Bucket="pilamim-images", Key="sets/pets2/cat/other.png", Body=b"x")
     raw = tmp_path / "raw"
     params = DataParams(source="s3://pilamim-images/sets/pets", raw_dir=str(raw),

@@ -1,0 +1,224 @@
+"""Sources never reach outside themselves; mirrors never write or delete outside their folder.
+
+Local folders with links, names that would climb out of ``raw_dir`` (``..``, ``/``, empty
+parts), and mirror folders holding a link to elsewhere; S3 cases run against the real SeaweedFS
+server. Every test also checks that nothing already saved outside changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from pilamim.config import DataParams
+from pilamim.data.errors import DataError
+from pilamim.data.prepare import prepare
+from pilamim.data.s3_source import _list_objects
+from pilamim.data.sources import (
+    FETCH_REPORT,
+    LINK_BROKEN,
+    LINK_FOLDER,
+    LINK_OUTSIDE,
+    image_root,
+    materialize,
+)
+from tests.data.helpers import make_tree, snapshot, upload_tree
+
+
+def _linked_source(tmp_path: Path) -> tuple[Path, Path]:
+    """``imgs/{cat,dog}`` plus ``secret/`` beside it, and links from inside ``imgs``:
+
+    ``cat/leak.png`` -> ``secret/secret.png`` (a file outside), ``bird`` -> ``secret`` (a
+    folder outside), ``dog/again.png`` -> ``cat/img_000.png`` (a file inside) and
+    ``dog/gone.png`` -> nothing.
+    """
+    root = make_tree(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    secret = make_tree(tmp_path / "secret", {"x": 1}) / "x"
+    (secret / "img_000.png").rename(secret / "secret.png")
+    (root / "cat" / "leak.png").symlink_to(secret / "secret.png")
+    (root / "bird").symlink_to(secret, target_is_directory=True)
+    (root / "dog" / "again.png").symlink_to(Path("..") / "cat" / "img_000.png")
+    (root / "dog" / "gone.png").symlink_to(root / "dog" / "no-such-file.png")
+    return root, secret
+
+
+def test_links_leading_outside_a_local_source_are_left_out_and_listed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root, secret = _linked_source(tmp_path)
+    params = DataParams(source=str(root), raw_dir=str(tmp_path / "raw"),
+                        out_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare(params)
+
+    mirror = tmp_path / "raw" / "local" / "imgs"
+    assert not (mirror / "cat" / "leak.png").exists()
+    assert not (mirror / "bird").exists()
+    assert (secret / "secret.png").stat().st_nlink == 1, "outside file hard-linked into raw"
+    # a link whose target stays inside is kept, as a plain copy of the target
+    again = mirror / "dog" / "again.png"
+    assert not again.is_symlink()
+    assert again.read_bytes() == (root / "cat" / "img_000.png").read_bytes()
+
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["skipped"] == [{"path": "bird", "reason": LINK_FOLDER},
+                               {"path": "cat/leak.png", "reason": LINK_OUTSIDE},
+                               {"path": "dog/gone.png", "reason": LINK_BROKEN}]
+    assert "cat/leak.png" not in {r.path for r in prepared.records}
+    assert "dog/again.png" in {r.path for r in prepared.records}
+    assert "cat/leak.png" in caplog.text and "outside the source folder" in caplog.text
+
+
+def test_links_leading_outside_fail_the_run_with_bad_images_fail(tmp_path: Path) -> None:
+    root, secret = _linked_source(tmp_path)
+    outside = snapshot(secret)
+    params = DataParams(source=str(root), raw_dir=str(tmp_path / "raw"),
+                        out_dir=str(tmp_path / "out"), bad_images="fail")
+    with pytest.raises(DataError, match="data.bad_images: fail") as err:
+        prepare(params)
+    assert "cat/leak.png: symbolic link pointing outside the source folder" in str(err.value)
+    assert "bird: symbolic link to a folder" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "raw" / "local" / "imgs" / "cat" / "leak.png").exists()
+    assert snapshot(secret) == outside
+
+
+@pytest.mark.parametrize("source", [
+    "/", "{tmp}/imgs/..", "s3://bucket/sets/../..", "s3://bucket/..", "s3://../x",
+    "s3://bucket//etc", "s3://bucket/sets//pets", "s3://bucket/./pets",
+])
+def test_names_that_would_leave_raw_dir_are_refused(tmp_path: Path, source: str) -> None:
+    source = source.format(tmp=tmp_path)
+    with pytest.raises(DataError) as err:
+        image_root(DataParams(source=source, raw_dir=str(tmp_path / "raw")))
+    message = str(err.value)
+    assert repr(source) in message and "outside" in message
+    assert "e.g." in message  # says what to write instead
+
+
+def test_local_source_ending_in_dotdot_touches_nothing(tmp_path: Path) -> None:
+    """``<folder>/..`` used to make ``raw_dir`` itself the mirror, deleting what was there."""
+    raw = tmp_path / "raw"
+    make_tree(raw / "local" / "other", {"a": 1})
+    make_tree(tmp_path / "imgs", {"cat": 1})
+    before = snapshot(raw)
+    source = str(tmp_path / "imgs" / "cat" / "..")
+    with pytest.raises(DataError, match="has a '..' part") as err:
+        materialize(DataParams(source=source, raw_dir=str(raw)))
+    assert repr(source) in str(err.value)
+    assert snapshot(raw) == before
+
+
+def test_local_source_holding_raw_dir_is_refused(tmp_path: Path) -> None:
+    make_tree(tmp_path / "project" / "cat", {"x": 1})
+    raw = tmp_path / "project" / "data" / "raw"
+    make_tree(raw / "local" / "old", {"a": 1})
+    before = snapshot(tmp_path / "project")
+    with pytest.raises(DataError, match="overlaps its mirror folder"):
+        materialize(DataParams(source=str(tmp_path / "project"), raw_dir=str(raw)))
+    assert snapshot(tmp_path / "project") == before
+
+
+def test_local_mirror_never_writes_through_a_linked_folder(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "imgs", {"cat": 2})
+    outside = make_tree(tmp_path / "elsewhere", {"x": 2}, seed=5) / "x"
+    mirror = tmp_path / "raw" / "local" / "imgs"
+    mirror.mkdir(parents=True)
+    (mirror / "cat").symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    with pytest.raises(DataError, match="refusing to write") as err:
+        materialize(DataParams(source=str(root), raw_dir=str(tmp_path / "raw")))
+    assert "outside" in str(err.value)
+    assert snapshot(outside) == before
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+def test_s3_prefix_with_dotdot_is_refused_before_anything_is_written(
+        s3_env, tmp_path: Path) -> None:
+    client = s3_env.client()
+    client.create_bucket(Bucket="pilamim-dotdot")
+    upload_tree(client, "pilamim-dotdot", "sets/pets", make_tree(tmp_path / "t", {"cat": 2}))
+    raw = tmp_path / "raw"
+    make_tree(raw / "s3" / "other-bucket", {"cat": 1})
+    make_tree(raw / "local" / "imgs", {"dog": 1})
+    before = snapshot(raw)
+    source = "s3://pilamim-dotdot/sets/pets/../../.."
+    with pytest.raises(DataError, match="has a '..' part") as err:
+        materialize(DataParams(source=source, raw_dir=str(raw)))
+    assert repr(source) in str(err.value)
+    assert snapshot(raw) == before
+
+
+def test_s3_mirror_never_writes_through_a_linked_folder(s3_env, tmp_path: Path) -> None:
+    client = s3_env.client()
+    client.create_bucket(Bucket="pilamim-linked")
+    upload_tree(client, "pilamim-linked", "pets", make_tree(tmp_path / "t", {"cat": 2}))
+    outside = make_tree(tmp_path / "elsewhere", {"x": 2}, seed=5) / "x"  # has img_000.png too
+    mirror = tmp_path / "raw" / "s3" / "pilamim-linked" / "pets"
+    mirror.mkdir(parents=True)
+    (mirror / "cat").symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    with pytest.raises(DataError, match="refusing to write") as err:
+        materialize(DataParams(source="s3://pilamim-linked/pets", raw_dir=str(tmp_path / "raw")))
+    assert str(mirror / "cat") in str(err.value)
+    assert snapshot(outside) == before
+
+
+def test_s3_object_named_like_the_state_file_is_refused(s3_env, tmp_path: Path) -> None:
+    client = s3_env.client()
+    client.create_bucket(Bucket="pilamim-reserved")
+    upload_tree(client, "pilamim-reserved", "pets", make_tree(tmp_path / "t", {"cat": 1}))
+    client.put_object(Bucket="pilamim-reserved", Key="pets/.pilamim-s3-state.json", Body=b"{}")
+    raw = tmp_path / "raw"
+    with pytest.raises(DataError, match="bookkeeping file"):
+        materialize(DataParams(source="s3://pilamim-reserved/pets", raw_dir=str(raw)))
+    assert not (raw / "s3").exists()
+
+
+class _Listing:
+    """A stand-in S3 client that lists the given keys: SeaweedFS refuses keys with ``.`` and
+    ``..`` parts (InvalidRequest) and folds ``//``, but AWS S3 stores them as they are."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def get_paginator(self, name: str):
+        return self
+
+    def paginate(self, Bucket: str, Prefix: str):  # noqa: N803 - boto3's spelling
+        return [{"Contents": [{"Key": k, "ETag": "e", "Size": 1} for k in self.keys
+                              if k.startswith(Prefix)]}]
+
+
+@pytest.mark.parametrize("key", [
+    "sets/pets/../../escape.png", "sets/pets/cat/./x.png", "sets/pets//abs.png",
+    "sets/pets/cat//x.png", "sets/pets/..",
+])
+def test_s3_keys_that_would_leave_the_mirror_are_refused(key: str) -> None:
+    client = _Listing(["sets/pets/cat/ok.png", key])
+    with pytest.raises(DataError, match="rename or delete that object") as err:
+        _list_objects(client, "b", "sets/pets/", frozenset())
+    assert repr(key.removeprefix("sets/pets/")) in str(err.value)
+
+
+def test_s3_empty_class_folder_is_reported(s3_env, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    client = s3_env.client()
+    client.create_bucket(Bucket="pilamim-emptyclass")
+    upload_tree(client, "pilamim-emptyclass", "pets",
+                make_tree(tmp_path / "t", {"cat": 3, "dog": 3}))
+    client.put_object(Bucket="pilamim-emptyclass", Key="pets/bird/", Body=b"")
+    params = DataParams(source="s3://pilamim-emptyclass/pets", raw_dir=str(tmp_path / "raw"),
+                        out_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare(params)
+    assert prepared.classes == ["cat", "dog"]
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["empty_classes"] == ["bird"]
+    assert "bird" in caplog.text
+    report = tmp_path / "raw" / "s3" / "pilamim-emptyclass" / "pets" / FETCH_REPORT
+    assert json.loads(report.read_text())["empty_classes"] == ["bird"]
