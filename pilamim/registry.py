@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from pilamim import data_lineage, tracking
 from pilamim.config import Params, RegisterParams
 from pilamim.io import atomic_write_json
 from pilamim.model_logging import log_encoder_model, read_encoder_config
-from pilamim.promotion import CHAMPION, Decision, decide_promotion
+from pilamim.promotion import CHALLENGER, CHAMPION, Decision, decide_promotion
+from pilamim.stages.lineage import LineageError, check_metrics_lineage, encoder_sha256
 
 # Gate/lineage metric name -> (metrics file, key in it, stage that writes the file).
 METRIC_SOURCES: dict[str, tuple[str, str, str]] = {
@@ -240,57 +242,174 @@ def format_models(rows: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- the step
 
+# Version tags that say what a version is and what its numbers were measured on.
+TAG_ENCODER_SHA = "encoder_sha256"
+TAG_PROTOCOL = "eval_protocol"
+TAG_DATA_DIGEST = "data_digest"
+ABANDONED = "abandoned"
+
+
+@dataclass(frozen=True)
+class RegisterInputs:
+    """Everything register reads from files, checked to belong together."""
+
+    metrics: dict[str, float]
+    data_digest: str
+    encoder_sha256: str
+    protocol: str          # of the stage that measured the gate metric
+
+    @property
+    def context(self) -> dict[str, str]:
+        return {"data_digest": self.data_digest, "protocol": self.protocol}
+
+
+def read_register_inputs(rp: RegisterParams) -> RegisterInputs:
+    """Metrics, encoder and data of one lineage, or a :class:`LineageError` naming the stage
+    to rerun: the encoder must be pretrained on the prepared data, and every metrics file must
+    have measured this encoder on this data."""
+    metrics = read_eval_metrics(rp)
+    spec = read_encoder_config(rp.encoder_dir)
+    digest = data_lineage.read_data_digest(rp.data_dir)
+    if digest is None:
+        raise FileNotFoundError(f"{rp.data_dir}/dataset.json does not exist: register records "
+                                f"which data a version was measured on; run `pilamim prepare`")
+    if spec.get("dataset_digest") != digest:
+        raise LineageError(
+            f"the encoder in {rp.encoder_dir} was pretrained on data "
+            f"{str(spec.get('dataset_digest'))[:12]} but {rp.data_dir} holds data {digest[:12]}; "
+            f"rerun `pilamim pretrain` (then probe and finetune)")
+    sha = encoder_sha256(rp.encoder_dir)
+    gate_file = METRIC_SOURCES[rp.gate_metric][0]
+    protocol = ""
+    for attr, stage in sorted({(src[0], src[2]) for src in METRIC_SOURCES.values()}):
+        path = Path(getattr(rp, attr))
+        if path.exists():
+            lineage = check_metrics_lineage(path, json.loads(path.read_text()), stage, digest,
+                                            sha)
+            protocol = lineage["protocol"] if attr == gate_file else protocol
+    return RegisterInputs(metrics, digest, sha, protocol)
+
 
 def register(params: Params) -> dict[str, Any]:
     """The whole register step from files; returns (and writes) the decision record.
 
-    Inputs are checked before MLflow is touched, so a missing file fails with what to run
-    first and leaves no run behind. Logs into the active MLflow run if a stage wrapper opened
-    one, else opens the ``register`` stage run itself.
+    Inputs are checked before MLflow is touched, so a missing or mismatched file fails with
+    what to run first and leaves no run behind. Logs into the active MLflow run if a stage
+    wrapper opened one, else opens the ``register`` stage run itself.
     """
-    rp = params.register
-    metrics = read_eval_metrics(rp)
-    read_encoder_config(rp.encoder_dir)
-    digest = data_lineage.read_data_digest(rp.data_dir)
+    inputs = read_register_inputs(params.register)
     if mlflow.active_run() is not None:
         active = mlflow.active_run()
         tags = active.data.tags
-        return _register_in_run(params, metrics, digest, active.info.run_id,
+        return _register_in_run(params, inputs, active.info.run_id,
                                 tags.get(tracking.TAG_PIPELINE_ID, ""))
-    with tracking.stage_run("register", params, dataset_digest=digest) as run:
-        return _register_in_run(params, metrics, digest, run.run_id, run.pipeline_id)
+    with tracking.stage_run("register", params, dataset_digest=inputs.data_digest) as run:
+        return _register_in_run(params, inputs, run.run_id, run.pipeline_id)
 
 
-def _register_in_run(params: Params, metrics: dict[str, float], digest: str | None,
-                     run_id: str, pipeline_id: str) -> dict[str, Any]:
+def version_with_weights(client: MlflowClient, name: str, sha: str):
+    """The version of ``name`` registered with these exact weights, or None."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        if _is_missing(err):
+            return None
+        raise
+    same = [v for v in versions if (v.tags or {}).get(TAG_ENCODER_SHA) == sha]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def refresh_evaluation(client: MlflowClient, name: str, version: str,
+                       inputs: RegisterInputs) -> None:
+    """Record the latest evaluation of a version's weights as its metrics and protocol.
+
+    The same weights probed again under a changed protocol keep their version; its tags then
+    describe the newest measurement, so later versions, measured the new way, compare with it
+    like for like instead of never being comparable with the champion again.
+    """
+    for key, value in inputs.metrics.items():
+        client.set_model_version_tag(name, version, f"{METRIC_TAG_PREFIX}{key}", f"{value:.6g}")
+    client.set_model_version_tag(name, version, TAG_PROTOCOL, inputs.protocol)
+
+
+def mark_abandoned(client: MlflowClient, name: str, keep: str) -> list[str]:
+    """Tag versions left without a decision by a killed ``register`` as abandoned.
+
+    Only versions whose registering run has ended (a killed one is closed by
+    :func:`pilamim.tracking.close_orphaned_runs`) are touched: a register still running
+    elsewhere owns its version.
+    """
+    marked = []
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if str(v.version) == keep or (v.tags or {}).get("decision"):
+            continue
+        try:
+            running = client.get_run(v.run_id).info.status == "RUNNING" if v.run_id else False
+        except MlflowException:
+            running = False
+        if running:
+            continue
+        client.set_model_version_tag(name, str(v.version), "decision", ABANDONED)
+        client.set_model_version_tag(name, str(v.version), "decision_reason",
+                                     "its `pilamim register` stopped before the gate ran; "
+                                     f"version {keep} was registered after it")
+        marked.append(str(v.version))
+    return marked
+
+
+def _register_in_run(params: Params, inputs: RegisterInputs, run_id: str,
+                     pipeline_id: str) -> dict[str, Any]:
+    """Log and register the encoder (or find its version: same weights, same version), gate
+    it against the champion, record the decision."""
     rp = params.register
     client = MlflowClient()
-    if digest is not None:
-        data_lineage.log_dataset_input(rp.data_dir, context="registration")
-    mlflow.log_metrics(metrics)
-    logged = log_encoder_model(rp.encoder_dir)
-    commit, dirty = tracking.git_info()
-    tags = {
-        "data_digest": digest or "unknown", "git_commit": commit, "git_dirty": str(dirty).lower(),
-        "params_hash": tracking.params_hash(params), "pipeline_id": pipeline_id,
-        "embedder_uri": logged.embedder_uri,
-        **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items()},
-    }
+    data_lineage.log_dataset_input(rp.data_dir, context="registration")
+    mlflow.log_metrics(inputs.metrics)
     champion = get_alias(client, rp.model_name, CHAMPION)
-    version = register_version(rp.model_name, logged.model_uri, tags)
-    decision = decide_promotion(metrics, version_metrics(champion) if champion else None,
-                                rp.gate_metric, rp.min_improvement, rp.floor)
-    apply_decision(client, rp.model_name, version.version, decision)
+    version = version_with_weights(client, rp.model_name, inputs.encoder_sha256)
+    decided = version is not None and (version.tags or {}).get("decision") in (CHAMPION,
+                                                                               CHALLENGER)
+    if version is None:
+        logged = log_encoder_model(rp.encoder_dir)
+        commit, dirty = tracking.git_info()
+        version = register_version(rp.model_name, logged.model_uri, {
+            TAG_DATA_DIGEST: inputs.data_digest, TAG_ENCODER_SHA: inputs.encoder_sha256,
+            TAG_PROTOCOL: inputs.protocol, "git_commit": commit,
+            "git_dirty": str(dirty).lower(), "params_hash": tracking.params_hash(params),
+            "pipeline_id": pipeline_id, "embedder_uri": logged.embedder_uri,
+            **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in inputs.metrics.items()},
+        })
+    else:  # same weights: this evaluation becomes the version's (protocols may have changed)
+        refresh_evaluation(client, rp.model_name, str(version.version), inputs)
+    abandoned = mark_abandoned(client, rp.model_name, keep=str(version.version))
+    if decided:
+        tags = version.tags or {}
+        decision = Decision(tags["decision"], f"same weights as version {version.version} "
+                            f"(registered before; its metrics now those measured by "
+                            f"{inputs.protocol}): {tags.get('decision_reason', '')}",
+                            tags.get("gate_metric", rp.gate_metric),
+                            inputs.metrics[rp.gate_metric])
+    else:
+        champion_tags = (champion.tags or {}) if champion else {}
+        decision = decide_promotion(
+            inputs.metrics, version_metrics(champion) if champion else None, rp.gate_metric,
+            rp.min_improvement, rp.floor, new_context=inputs.context,
+            champion_context={"data_digest": champion_tags.get(TAG_DATA_DIGEST, ""),
+                              "protocol": champion_tags.get(TAG_PROTOCOL, "")})
+        apply_decision(client, rp.model_name, version.version, decision)
     record = {
         "model_name": rp.model_name, "version": int(version.version),
         "model_uri": f"models:/{rp.model_name}/{version.version}",
-        "logged_model_uri": logged.model_uri, "embedder_uri": logged.embedder_uri,
-        "action": decision.action, "reason": decision.reason,
+        "logged_model_uri": version.source,
+        "embedder_uri": (version.tags or {}).get("embedder_uri")
+        or client.get_model_version(rp.model_name, str(version.version)).tags["embedder_uri"],
+        "action": decision.action, "reason": decision.reason, "reused": decided,
         "gate_metric": decision.gate_metric, "gate_value": decision.value,
         "champion_value_before": decision.champion_value,
         "champion_version_before": int(champion.version) if champion else None,
-        "metrics": metrics, "run_id": run_id, "pipeline_id": pipeline_id,
-        "data_digest": digest,
+        "metrics": inputs.metrics, "run_id": run_id, "pipeline_id": pipeline_id,
+        "data_digest": inputs.data_digest, "encoder_sha256": inputs.encoder_sha256,
+        "eval_protocol": inputs.protocol, "abandoned_versions": [int(v) for v in abandoned],
     }
     out = atomic_write_json(rp.metrics_path, record)
     mlflow.set_tags({"pilamim.decision": decision.action,

@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from pilamim.config import GROUPS, Params
 from pilamim.mlflow_logger import MLflowLogger
+from pilamim.run_owner import TAG_OWNER, close_orphaned_runs, owner_tag
 from pilamim.stages import STAGE_GROUPS as _STAGE_GROUPS
 from pilamim.tracking_server import (
     DEFAULT_ARTIFACT_DIR,
@@ -220,6 +221,7 @@ def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None =
         TAG_PARAMS_HASH: params_hash(params, used),
         TAG_GIT_COMMIT: commit,
         TAG_GIT_DIRTY: str(dirty).lower(),
+        TAG_OWNER: owner_tag(),
         **prefect_ids(),
     }
     if commit != "unknown":
@@ -232,6 +234,7 @@ def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None =
     # deletes the variable: keep it out for the run's lifetime, restore it afterwards.
     with http_limits(), _without_env("MLFLOW_RUN_ID"):
         client, experiment_id = connect()
+        close_orphaned_runs(client, experiment_id)
         stack_top = mlflow.active_run()
         active = mlflow.start_run(
             experiment_id=experiment_id, run_name=stage_name,
@@ -288,10 +291,11 @@ def pipeline_run(params: Params, *, pipeline_id: str | None = None,
     commit, dirty = git_info()
     tags = {TAG_STAGE: "pipeline", TAG_PIPELINE_ID: pipeline_id,
             TAG_PARAMS_HASH: params_hash(params), TAG_GIT_COMMIT: commit,
-            TAG_GIT_DIRTY: str(dirty).lower(), **prefect_ids(),
+            TAG_GIT_DIRTY: str(dirty).lower(), TAG_OWNER: owner_tag(), **prefect_ids(),
             **{k: str(v) for k, v in (extra_tags or {}).items()}}
     with http_limits():
         client, experiment_id = connect()
+        close_orphaned_runs(client, experiment_id)
         run = client.create_run(experiment_id, tags=tags, run_name=run_name)
         run_id = run.info.run_id
         logger = MLflowLogger(run_id, client)

@@ -1,5 +1,6 @@
 """The library stages through the real CLI, as a user runs them, on tiny settings."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -64,3 +65,21 @@ def test_prepare_pretrain_probe_finetune_through_the_cli(tmp_path):
     assert probe["top1"] >= 0.35, probe["top1"]
     assert "knn_top1" in probe
     assert (tmp_path / "models/probe/confusion_matrix.png").exists()
+
+    # The numbers say what they measured; an encoder from other data or channels is refused.
+    digest = json.loads((tmp_path / "data/prepared/dataset.json").read_text())["digest"]
+    sha = hashlib.sha256((tmp_path / "models/pretrain/encoder.safetensors").read_bytes())
+    for metrics, stage in ((probe, "probe"), (finetune, "finetune")):
+        assert metrics["lineage"]["dataset_digest"] == digest
+        assert metrics["lineage"]["encoder_sha256"] == sha.hexdigest()
+        assert metrics["lineage"]["protocol"].startswith(f"{stage}:")
+    spec_path = tmp_path / "models/pretrain/encoder.json"
+    saved = {p: p.read_bytes() for p in (tmp_path / "metrics").iterdir()}
+    for change, words in (({"dataset_digest": "a" * 64}, "pretrained on data aaaaaaaaaaaa"),
+                          ({"in_chans": 3}, "takes 3-channel images but")):
+        spec_path.write_text(json.dumps({**spec, **change}))
+        for stage in ("probe", "finetune"):
+            done = _pilamim(tmp_path, stage, "--no-track")
+            assert done.returncode == 1 and words in done.stderr, done.stderr[-2000:]
+            assert "rerun `pilamim pretrain`" in done.stderr and "Traceback" not in done.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "metrics").iterdir()} == saved

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pilamim.callbacks import Logger
-from pilamim.io import atomic_write, atomic_write_json
+from pilamim.io import OutputBatch, atomic_write, atomic_write_json
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
@@ -62,8 +62,9 @@ def classification_metrics(logits: Tensor, labels: Tensor,
 
 
 def save_confusion_matrix_png(matrix: Sequence[Sequence[int]] | Tensor, classes: Sequence[str],
-                              path: str | Path) -> Path:
-    """Row-normalised heat map with counts; rendered off-screen (Agg), written atomically."""
+                              path: str | Path, batch: OutputBatch | None = None) -> Path:
+    """Row-normalised heat map with counts; rendered off-screen (Agg), written atomically
+    (with ``batch``: staged in it, to appear when the caller commits)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -87,18 +88,23 @@ def save_confusion_matrix_png(matrix: Sequence[Sequence[int]] | Tensor, classes:
                 ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if frac[i, j] > 0.5 else "black")
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write = (batch.write if batch is not None else atomic_write)
+    return write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def write_metrics_json(path: str | Path, metrics: dict[str, Any]) -> Path:
     return atomic_write_json(path, metrics)
 
 
-def summary_scalars(result: dict) -> dict[str, float]:
+def summary_scalars(result: dict) -> dict[str, Any]:
     """The numbers worth a metrics file (what ``dvc metrics show`` prints): top-level scalars
-    and each split's top-k/loss as ``<split>_<key>``; tables and matrices stay in the report."""
-    out = {k: v for k, v in result.items()
-           if isinstance(v, int | float) and not isinstance(v, bool)}
+    and each split's top-k/loss as ``<split>_<key>``; tables and matrices stay in the report.
+    A ``lineage`` block (which data, encoder and protocol; :mod:`pilamim.stages.lineage`) is
+    kept too: the numbers mean nothing without it, and ``register`` checks it."""
+    out: dict[str, Any] = {k: v for k, v in result.items()
+                           if isinstance(v, int | float) and not isinstance(v, bool)}
+    if isinstance(result.get("lineage"), dict):
+        out["lineage"] = result["lineage"]
     for split, values in result.items():
         if isinstance(values, dict) and "top1" in values:
             out.update({f"{split}_{k}": v for k, v in values.items()
@@ -108,19 +114,32 @@ def summary_scalars(result: dict) -> dict[str, float]:
 
 def save_eval_outputs(metrics: dict[str, Any], classes: Sequence[str], dataset_digest: str,
                       out_dir: str | Path, metrics_path: str | Path, plots_path: str | Path,
-                      logger: Logger) -> None:
-    """What every evaluation stage leaves behind, written atomically and logged as artifacts.
+                      logger: Logger, batch: OutputBatch | None = None) -> None:
+    """What every evaluation stage leaves behind, all of it or none, then logged as artifacts.
 
     ``<out_dir>/report.json`` keeps everything (per-class accuracy, confusion matrices) and
     ``metrics_path`` the scalars DVC compares; the test split's confusion matrix becomes a PNG.
     The digest ties the numbers to the data version they were measured on.
+
+    Every file is written to a temp name first and renamed into place only when all are
+    written, ``metrics_path`` last: a failure midway (a read-only ``metrics/``, a full disk)
+    leaves the previous outputs as they were, never a new report beside old metrics. A stage
+    that writes model files too stages them in ``batch`` first (``export_encoder(...,
+    batch=batch)``); they are committed here with the rest.
     """
     out = Path(out_dir)
-    if "test" in metrics:
-        logger.log_artifact(save_confusion_matrix_png(
-            metrics["test"]["confusion_matrix"], classes, out / "confusion_matrix.png"))
     metrics["dataset_digest"] = dataset_digest
-    write_metrics_json(out / "report.json", metrics)
-    write_metrics_json(metrics_path, summary_scalars(metrics))
-    for path in (Path(metrics_path), Path(plots_path), out / "report.json"):
+    ours: list[Path] = []
+    staging = batch if batch is not None else OutputBatch()
+    try:
+        if "test" in metrics:
+            ours.append(save_confusion_matrix_png(metrics["test"]["confusion_matrix"], classes,
+                                                  out / "confusion_matrix.png", batch=staging))
+        ours.append(staging.write_json(out / "report.json", metrics))
+        ours.append(staging.write_json(metrics_path, summary_scalars(metrics)))
+        staging.commit()
+    except BaseException:
+        staging.discard()  # temp files go; every previous output stays as it was
+        raise
+    for path in [*ours, Path(plots_path)]:
         logger.log_artifact(path)

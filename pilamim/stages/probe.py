@@ -15,8 +15,10 @@ from pilamim.data.transforms import eval_transform, pretrain_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
 from pilamim.evaluate.metrics import save_eval_outputs
+from pilamim.io import OutputBatch, ensure_writable
 from pilamim.model.export import load_encoder, read_spec
 from pilamim.recipes import auto_crop_scale
+from pilamim.stages.lineage import LINEAGE_KEY, check_encoder_fits_data, eval_lineage
 
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
 
@@ -32,10 +34,14 @@ def data_dir(params: Params) -> str | None:
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     p = params.probe
+    ensure_writable([p.out_dir, Path(p.metrics_path).parent, Path(p.plots_path).parent])
     logger = logger or NullLogger()
     torch.manual_seed(p.seed)
     prepared = load_prepared(p.data_dir)
     spec = read_spec(p.encoder_dir)
+    check_encoder_fits_data(spec, p.encoder_dir, prepared.digest, prepared.channels, p.data_dir,
+                            "probe")
+    lineage = eval_lineage("probe", p, prepared.digest, p.encoder_dir)  # what gets loaded
     encoder = load_encoder(p.encoder_dir)
     size = spec["img_size"]
     plain = eval_transform(size, prepared.mean, prepared.std)
@@ -47,9 +53,12 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     # kNN needs un-augmented training features as its memory bank.
     knn_bank = ManifestDataset(prepared, "train", plain) if p.augment else None
     curve = CSVLogger(p.plots_path, CURVE_COLUMNS, step_name="epoch", prefix="probe/")
-    metrics = run_linear_probe(encoder, train, evals, prepared.classes, p,
-                               resolve_device(p.device), MultiLogger(curve, logger),
-                               knn_train_ds=knn_bank, head_path=out / "head.pt")
-    save_eval_outputs(metrics, prepared.classes, prepared.digest, out, p.metrics_path,
-                      p.plots_path, logger)
+    with OutputBatch() as batch:  # head, report and metrics appear together or not at all
+        metrics = run_linear_probe(encoder, train, evals, prepared.classes, p,
+                                   resolve_device(p.device), MultiLogger(curve, logger),
+                                   knn_train_ds=knn_bank, head_path=out / "head.pt",
+                                   outputs=batch)
+        metrics[LINEAGE_KEY] = lineage
+        save_eval_outputs(metrics, prepared.classes, prepared.digest, out, p.metrics_path,
+                          p.plots_path, logger, batch=batch)
     return metrics

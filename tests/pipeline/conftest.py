@@ -28,8 +28,9 @@ TINY_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
 FEATURE_DIM = 32
 
 
-def export_tiny_encoder(out_dir: Path, seed: int = 0) -> dict:
-    """Write encoder.safetensors + encoder.json the way the pretrain stage does."""
+def export_tiny_encoder(out_dir: Path, seed: int = 0, dataset_digest: str | None = None) -> dict:
+    """Write encoder.safetensors + encoder.json the way the pretrain stage does, pretrained
+    (by default) on the data :func:`write_prepared` writes."""
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KWARGS).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,20 +38,29 @@ def export_tiny_encoder(out_dir: Path, seed: int = 0) -> dict:
               str(out_dir / "encoder.safetensors"))
     config = {"model_name": "vit_tiny_patch16_224", "kwargs": TINY_KWARGS,
               "feature_dim": FEATURE_DIM, "mean": [0.286], "std": [0.353], "img_size": 16,
-              "in_chans": 1}
+              "in_chans": 1, "dataset_digest": dataset_digest or prepared_digest()}
     (out_dir / "encoder.json").write_text(json.dumps(config))
     return config
 
 
-def write_prepared(out_dir: Path, n: int = 12) -> str:
-    """A minimal manifest.csv + dataset.json (the prepare stage's output contract)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _manifest(n: int) -> str:
     rows = ["path,label,split,sha256"]
     for i in range(n):
         split = "train" if i < n - 4 else ("val" if i < n - 2 else "test")
         label = ["shirt", "shoe"][i % 2]
         rows.append(f"{label}/{i}.png,{label},{split},{hashlib.sha256(bytes([i])).hexdigest()}")
-    manifest = "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n"
+
+
+def prepared_digest(n: int = 12) -> str:
+    """The digest :func:`write_prepared` gives its data set."""
+    return hashlib.sha256(_manifest(n).encode()).hexdigest()
+
+
+def write_prepared(out_dir: Path, n: int = 12) -> str:
+    """A minimal manifest.csv + dataset.json (the prepare stage's output contract)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(n)
     (out_dir / "manifest.csv").write_text(manifest)
     digest = hashlib.sha256(manifest.encode()).hexdigest()
     (out_dir / "dataset.json").write_text(json.dumps({
@@ -59,9 +69,15 @@ def write_prepared(out_dir: Path, n: int = 12) -> str:
     return digest
 
 
-def write_metrics(path: Path, **values: float) -> None:
+def write_metrics(path: Path, lineage: dict | None = None, **values: float) -> None:
+    """A probe/finetune metrics file; its lineage says it measured the encoder now in
+    ``models/pretrain`` (of the cwd) on :func:`write_prepared`'s data, unless given."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(values))
+    weights = Path("models/pretrain/encoder.safetensors")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "none"
+    lineage = lineage or {"dataset_digest": prepared_digest(), "encoder_sha256": sha,
+                          "protocol": f"{path.stem}:test"}
+    path.write_text(json.dumps({**values, "lineage": lineage}))
 
 
 def free_port() -> int:

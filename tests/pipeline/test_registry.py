@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -18,7 +21,13 @@ from pilamim.config import Params
 from pilamim.embedding_model import images_to_tensor, load_timm_encoder
 from pilamim.promotion import CHALLENGER, CHAMPION, decide_promotion
 
-from .conftest import FEATURE_DIM, TINY_KWARGS, write_metrics, write_prepared
+from .conftest import (
+    FEATURE_DIM,
+    TINY_KWARGS,
+    export_tiny_encoder,
+    write_metrics,
+    write_prepared,
+)
 
 # ----------------------------------------------------------------------------- the gate (pure)
 
@@ -81,7 +90,10 @@ def test_missing_encoder_and_percent_metrics_are_explained(tmp_path, params):
 # ----------------------------------------------------------------------------- the whole step
 
 
-def _run_register(tmp_path: Path, params: Params, top1: float) -> dict:
+def _run_register(tmp_path: Path, params: Params, top1: float, seed: int | None = None) -> dict:
+    """Register with these metrics; ``seed`` first exports new weights (a new version)."""
+    if seed is not None:
+        export_tiny_encoder(tmp_path / "models" / "pretrain", seed=seed)
     write_metrics(tmp_path / "metrics" / "probe.json", top1=top1, top5=0.9, knn_top1=0.4)
     write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.7, top5=0.95)
     return registry.register(params)
@@ -94,9 +106,9 @@ def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir)
     assert first["action"] == CHAMPION and first["version"] == 1
     assert json.loads((tmp_path / "metrics" / "register.json").read_text()) == first
 
-    second = _run_register(tmp_path, params, 0.505)         # better, but under the margin
+    second = _run_register(tmp_path, params, 0.505, seed=1)       # better, but under the margin
     assert second["action"] == CHALLENGER and second["champion_version_before"] == 1
-    third = _run_register(tmp_path, params, 0.60)
+    third = _run_register(tmp_path, params, 0.60, seed=2)
     assert third["action"] == CHAMPION and third["champion_value_before"] == 0.50
 
     client = MlflowClient()
@@ -145,10 +157,10 @@ def test_a_model_without_champion_is_a_normal_state(tmp_path, params, encoder_di
     client = MlflowClient()
     name = params.register.model_name
     assert registry.get_alias(client, name, CHAMPION) is None
-    second = _run_register(tmp_path, params, 0.50)
+    second = _run_register(tmp_path, params, 0.50, seed=1)
     assert second["action"] == CHAMPION and second["version"] == 2
     client.delete_registered_model_alias(name, CHAMPION)
-    third = _run_register(tmp_path, params, 0.40)
+    third = _run_register(tmp_path, params, 0.40, seed=2)
     assert third["action"] == CHAMPION and third["champion_version_before"] is None
     assert CHAMPION in registry.promote(name, 2).aliases
     assert [r["aliases"] for r in registry.list_models(name)][1] == [CHAMPION]
@@ -187,3 +199,137 @@ def test_list_and_promote_without_a_store_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(registry.RegistryError, match="run `pilamim register`"):
         registry.list_models()
     assert not (tmp_path / "none").exists()
+
+
+# ----------------------------------------------------------------- identity, like for like
+
+
+def test_same_weights_reuse_their_version(tmp_path, params, encoder_dir):
+    write_prepared(tmp_path / "data" / "prepared")
+    first = _run_register(tmp_path, params, 0.50)
+    again = _run_register(tmp_path, params, 0.50)
+    assert again["version"] == first["version"] == 1 and again["reused"] is True
+    assert again["action"] == CHAMPION and "same weights as version 1" in again["reason"]
+    assert [r["version"] for r in registry.list_models(params.register.model_name)] == ["1"]
+    # Probed again under a changed protocol: still version 1, its tags now say how and what,
+    # so the next version, measured the new way, is compared with it like for like.
+    lineage = {"dataset_digest": first["data_digest"], "protocol": "probe:new",
+               "encoder_sha256": first["encoder_sha256"]}
+    write_metrics(tmp_path / "metrics" / "probe.json", lineage=lineage, top1=0.55)
+    (tmp_path / "metrics" / "finetune.json").unlink()
+    remeasured = registry.register(params)
+    assert remeasured["version"] == 1 and remeasured["reused"] is True
+    tags = MlflowClient().get_model_version(params.register.model_name, "1").tags
+    assert tags["eval_protocol"] == "probe:new" and float(tags["metric.probe_top1"]) == 0.55
+    export_tiny_encoder(encoder_dir, seed=5)
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.60,
+                  lineage={**lineage, "encoder_sha256": registry.encoder_sha256(encoder_dir)})
+    assert registry.register(params)["action"] == CHAMPION          # 0.60 beats 0.55, alike
+
+
+def test_gate_only_compares_numbers_measured_alike(tmp_path, params, encoder_dir):
+    """A version probed on other data (or by another protocol) cannot take @champion from the
+    gate, however high its number; the reason names both digests; a human may promote it."""
+    old_digest = write_prepared(tmp_path / "data" / "prepared")
+    assert _run_register(tmp_path, params, 0.27)["action"] == CHAMPION
+    (tmp_path / "metrics" / "finetune.json").unlink()
+
+    new_digest = write_prepared(tmp_path / "data" / "prepared", n=16)    # other data
+    export_tiny_encoder(encoder_dir, seed=1, dataset_digest=new_digest)
+    lineage = {"dataset_digest": new_digest, "encoder_sha256": registry.encoder_sha256(
+        encoder_dir), "protocol": "probe:test"}
+    write_metrics(tmp_path / "metrics" / "probe.json", lineage=lineage, top1=0.60)
+    other_data = registry.register(params)
+    assert other_data["action"] == CHALLENGER
+    assert old_digest in other_data["reason"] and new_digest in other_data["reason"]
+
+    write_prepared(tmp_path / "data" / "prepared")                      # back to the old data
+    export_tiny_encoder(encoder_dir, seed=2)
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.90,
+                  lineage={**lineage, "dataset_digest": old_digest, "protocol": "probe:other",
+                           "encoder_sha256": registry.encoder_sha256(encoder_dir)})
+    other_protocol = registry.register(params)
+    assert other_protocol["action"] == CHALLENGER
+    assert "probe:other vs champion's probe:test" in other_protocol["reason"]
+    name = params.register.model_name
+    assert str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert CHAMPION in registry.promote(name, other_data["version"]).aliases
+
+
+def test_register_refuses_inputs_of_different_lineages(tmp_path, params, encoder_dir):
+    """Stale or mixed inputs stop before MLflow is touched, naming what to rerun."""
+    write_prepared(tmp_path / "data" / "prepared")
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
+    export_tiny_encoder(encoder_dir, seed=3)                  # probe.json measured the old one
+    with pytest.raises(registry.LineageError, match=r"on encoder .* rerun `pilamim probe`"):
+        registry.register(params)
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
+    write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.6,
+                  lineage={"dataset_digest": "f" * 64, "encoder_sha256": "x", "protocol": "p"})
+    with pytest.raises(registry.LineageError, match=r"finetune.json was measured on data "
+                       r"ffffffffffff .* rerun `pilamim finetune`"):
+        registry.register(params)
+    (tmp_path / "metrics" / "finetune.json").write_text(json.dumps({"top1": 0.6}))
+    with pytest.raises(registry.LineageError, match=r"does not say which data.*`pilamim finetune`"):
+        registry.register(params)
+    (tmp_path / "metrics" / "finetune.json").unlink()
+    export_tiny_encoder(encoder_dir, seed=3, dataset_digest="e" * 64)
+    with pytest.raises(registry.LineageError, match=r"pretrained on data eeeeeeeeeeee.*"
+                       r"rerun `pilamim pretrain`"):
+        registry.register(params)
+    assert not (tmp_path / "metrics" / "register.json").exists()
+    assert MlflowClient().search_registered_models() == []
+
+
+# ----------------------------------------------------------------------------- killed register
+
+_KILLED_REGISTER = """
+import os, signal
+from pilamim import registry
+from pilamim.config import Params
+from pilamim.stages.runner import execute
+registry.apply_decision = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+execute("register", Params())
+"""
+
+
+def _register_killed_before_the_gate(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REGISTER], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_register_after_a_killed_register_completes_it(tmp_path, params, encoder_dir):
+    """SIGKILL between creating the version and deciding it: the next register decides that
+    version (same weights: no second one) and ends the killed run as KILLED."""
+    write_prepared(tmp_path / "data" / "prepared")
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
+    write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.6)
+    _register_killed_before_the_gate(tmp_path)
+    client = MlflowClient()
+    name = params.register.model_name
+    (left,) = client.search_model_versions(f"name = '{name}'")
+    assert "decision" not in left.tags
+    killed_run = client.get_run(left.run_id)
+    assert killed_run.info.status == "RUNNING"
+
+    record = registry.register(params)
+    assert record["version"] == 1 and record["action"] == CHAMPION
+    assert client.get_run(left.run_id).info.status == "KILLED"
+    assert client.get_model_version(name, "1").tags["decision"] == CHAMPION
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_a_killed_register_of_other_weights_is_marked_abandoned(tmp_path, params, encoder_dir):
+    write_prepared(tmp_path / "data" / "prepared")
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
+    write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.6)
+    _register_killed_before_the_gate(tmp_path)
+    record = _run_register(tmp_path, params, 0.6, seed=4)
+    assert record["version"] == 2 and record["abandoned_versions"] == [1]
+    tags = MlflowClient().get_model_version(params.register.model_name, "1").tags
+    assert tags["decision"] == registry.ABANDONED and "version 2" in tags["decision_reason"]
+    running = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("pilamim-test").experiment_id],
+        filter_string="attributes.status = 'RUNNING'")
+    assert running == []
