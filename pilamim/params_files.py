@@ -29,7 +29,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {err}") from err
     if raw is None:  # an empty file would silently mean "all defaults", not what it held
         raise ParamsError(f"{path}: the file is empty; restore its keys (git checkout {path}) "
-                          "or delete it to use the defaults")
+                          "or write `{}` in it to use the code's defaults")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
     return raw
@@ -92,12 +92,21 @@ def validate_group(group: str, raw: dict[str, Any], source: str | None = None,
 
 
 def load_params(params_dir: str | Path = "params", overrides: list[str] | None = None) -> Params:
-    """Read ``<params_dir>/<group>.yaml`` for every group (a missing file means defaults)."""
+    """Read ``<params_dir>/<group>.yaml`` for every group; each must exist.
+
+    A missing file is an error, not "defaults": the code's defaults are not the shipped
+    files' values, and a run that silently used them would differ from what the folder says.
+    A file holding ``{}`` asks for the code's defaults explicitly.
+    """
     root = Path(params_dir)
     if not root.is_dir():
         raise ParamsError(f"params directory {root} does not exist; pass --params DIR")
-    raw = {g: _read_yaml(root / f"{g}.yaml") if (root / f"{g}.yaml").exists() else {}
-           for g in GROUPS}
+    missing = [str(root / f"{g}.yaml") for g in GROUPS if not (root / f"{g}.yaml").is_file()]
+    if missing:
+        raise ParamsError(f"{', '.join(missing)}: no such file; every params group needs its "
+                          f"file (restore it, e.g. `git checkout {missing[0]}`, or write `{{}}` "
+                          "in it to use the code's defaults)")
+    raw = {g: _read_yaml(root / f"{g}.yaml") for g in GROUPS}
     blame: dict[str, dict[str, str]] = {g: {} for g in GROUPS}
     for override in overrides or []:
         key = _apply_override(raw, override)  # raises first on a malformed --set

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from pilamim.config import Params, ParamsError
+from pilamim.config import GROUPS, Params, ParamsError
 from pilamim.params_files import dump_params, load_params
 
 
@@ -15,16 +15,34 @@ def _write(tmp_path, group, values):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _all_groups_default(tmp_path):
+    """Every group file present, asking for the code's defaults (``{}``)."""
+    for group in GROUPS:
+        (tmp_path / f"{group}.yaml").write_text("{}\n")
+
+
 def test_repo_params_and_preset_are_valid():
     assert load_params("params").model.preset == "pilamim"
     assert load_params("params/presets/imagenet-vit-b16").model.size == "base"
 
 
-def test_missing_files_mean_defaults_and_roundtrip(tmp_path):
+def test_empty_mappings_mean_defaults_and_roundtrip(tmp_path):
     params = load_params(tmp_path)
     assert params == Params()
     dump_params(params, tmp_path / "out")
     assert load_params(tmp_path / "out") == params
+
+
+def test_a_missing_file_is_an_error_naming_it(tmp_path):
+    """It used to mean the code's defaults: 10 epochs where the deleted file said 4."""
+    (tmp_path / "register.yaml").unlink()
+    with pytest.raises(ParamsError, match=r"register\.yaml: no such file.*git checkout"):
+        load_params(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "pilamim.cli", "pretrain", "--params",
+                           str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "register.yaml: no such file" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "models").exists()
 
 
 @pytest.mark.parametrize("group,values,expected", [

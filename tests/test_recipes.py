@@ -5,7 +5,7 @@ import pytest
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from pilamim.config import FinetuneParams, Params, ParamsError, PretrainParams
+from pilamim.config import GROUPS, FinetuneParams, Params, ParamsError, PretrainParams
 from pilamim.evaluate.finetune import build_mixup, finetune_transform
 from pilamim.params_files import load_params
 from pilamim.recipes import (
@@ -83,6 +83,8 @@ def test_light_fine_tune_has_no_mixup_randaugment_or_erasing():
 def test_params_accept_auto_and_reject_other_words(tmp_path):
     assert PretrainParams(base_lr="auto", crop_scale="auto").base_lr == "auto"
     assert PretrainParams(base_lr=3e-4).base_lr == 3e-4
+    for group in GROUPS:
+        (tmp_path / f"{group}.yaml").write_text("{}\n")
     (tmp_path / "pretrain.yaml").write_text("base_lr: fast\n")
     with pytest.raises(ParamsError, match="base_lr"):
         load_params(tmp_path)

@@ -24,7 +24,7 @@ from flows.pipeline import (
 from flows.retry import is_transient, retry_transient
 from pilamim.config import Params, ParamsError
 from pilamim.data.errors import DataError
-from pilamim.params_files import load_params
+from pilamim.params_files import dump_params, load_params
 from pilamim.stages import STAGES
 from pilamim.stages.runner import MissingInputError
 from pilamim.tracking import TrackingUnavailable
@@ -90,7 +90,7 @@ def test_params_given_to_the_flow_are_written_where_dvc_reads_them(tmp_path):
 
 
 def test_params_none_reads_the_files_and_reports_a_typo(tmp_path):
-    (tmp_path / "params").mkdir()
+    dump_params(Params(), tmp_path / "params")
     (tmp_path / "params" / "probe.yaml").write_text("epoch: 3\n")
     with pytest.raises(ParamsError, match="epoch"):
         sync_params(None, tmp_path / "params")
