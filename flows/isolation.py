@@ -78,7 +78,21 @@ def _picklable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _threads_per_process(concurrent: int) -> int:
-    """Split this machine's cores between the concurrent stage processes (at least 1 each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // concurrent)
+# Below this many threads each, two CPU-bound stages are better run one after the other with
+# all cores each: on 2 cores, probe + a 2-epoch fine-tune took 72 s side by side (1 thread
+# each, or 2 each: oversubscribed) and 56 s in turn with 2 threads each; a fine-tune epoch
+# takes 32 s on 1 thread and 16 s on 2 (docs/METHOD.md, "How the embedded recipe was measured").
+MIN_THREADS_PER_STAGE = 4
+
+
+def stage_slots(stages: int, cores: int | None = None) -> tuple[int, int]:
+    """(how many of ``stages`` run at once, threads each) on this machine's cores.
+
+    Concurrency pays only when each stage still gets a useful thread pool; otherwise the
+    stages run in turn and each gets every core, so none straggles on half the machine.
+    """
+    if cores is None:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count()) or 1
+    at_once = max(1, min(stages, cores // MIN_THREADS_PER_STAGE))
+    return at_once, max(1, cores // at_once)

@@ -1,6 +1,6 @@
 """The Prefect flow ``pilamim-pipeline``: every stage as a task, skipping what DVC says is done.
 
-    fetch -> prepare -> pretrain -> (probe | finetune, concurrently) -> register
+    fetch -> prepare -> pretrain -> (probe | finetune, concurrently on enough cores) -> register
 
 Stages are written once (``pilamim/stages/``); a task here only decides *whether* a stage runs
 and records the outcome:
@@ -28,7 +28,10 @@ and records the outcome:
 * **Retries only for transient failures** (:mod:`flows.retry`): unreachable tracking server,
   connection errors and timeouts, S3 endpoint errors, SQLite "database is locked", DVC's lock.
   Bad params, missing inputs and other bugs fail at once.
-* **probe and finetune run concurrently**, each in its own Python process
+* **probe and finetune run concurrently** when the machine has the cores to give each a useful
+  thread pool (:func:`flows.isolation.stage_slots`: 4 threads each), else one after the other
+  with every core each (on 2 cores that is faster, and the fine-tune does not straggle on one
+  thread after the short probe has finished). Each runs in its own Python process
   (:mod:`flows.isolation`). In one process the two trainings would share torch's, numpy's and
   Python's global RNGs (dropout, drop path, Mixup, RandAugment draw from them), so their results
   would depend on thread timing and differ from a sequential ``dvc repro``. DVC bookkeeping stays
@@ -36,6 +39,9 @@ and records the outcome:
 * **MLflow.** The flow runs inside :func:`pilamim.tracking.pipeline_run` (the parent run); every
   stage run is its child (env ``PILAMIM_PARENT_RUN_ID``, inherited by the stage processes) and
   is tagged with the Prefect flow-run and task-run ids.
+* **One run per checkout** (:mod:`pilamim.checkout_lock`). The flow holds the working directory
+  from before it touches ``params/`` to its end; its stage calls and stage processes belong to
+  it and pass, while another ``pilamim run``, stage command or ``dvc repro`` there is refused.
 * **Summary.** A markdown artifact ``pilamim-pipeline-summary`` (Artifacts page of the Prefect
   UI): metrics table, promotion decision and reason, MLflow runs, which stages ran or were
   skipped. The flow returns the same facts as a dict (:mod:`flows.summary`).
@@ -55,9 +61,10 @@ from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_state
-from flows.isolation import _threads_per_process, execute_isolated
+from flows.isolation import execute_isolated, stage_slots
 from flows.retry import retry_transient
 from flows.summary import ARTIFACT_KEY, FINAL, _publish, summarize
+from pilamim.checkout_lock import hold_checkout
 from pilamim.config import Params, ParamsError
 from pilamim.params_files import dump_params, load_params
 from pilamim.stages import STAGE_GROUPS, STAGES
@@ -191,7 +198,7 @@ def sync_params(params: Params | None, params_dir: str | Path) -> Params:
       persist_result=True)
 def pilamim_pipeline(params: Params | None = None, params_dir: str = "params",
                      force: bool = False) -> dict[str, Any]:
-    """fetch -> prepare -> pretrain -> probe + finetune (concurrent) -> register.
+    """fetch -> prepare -> pretrain -> probe + finetune (concurrent on enough cores) -> register.
 
     Args:
         params: every params group; None reads ``params_dir``. Given params are written to
@@ -200,6 +207,12 @@ def pilamim_pipeline(params: Params | None = None, params_dir: str = "params",
             repository root).
         force: run every stage even when DVC reports it up to date.
     """
+    with hold_checkout():  # before sync_params: it may rewrite params/ for this run
+        return _run_pipeline(params, params_dir, force)
+
+
+def _run_pipeline(params: Params | None, params_dir: str, force: bool) -> dict[str, Any]:
+    """The flow's body, run while this process holds the checkout."""
     from pilamim import tracking
 
     params = sync_params(params, params_dir)
@@ -211,12 +224,14 @@ def pilamim_pipeline(params: Params | None = None, params_dir: str = "params",
         try:
             for stage in SEQUENTIAL:
                 outcomes[stage] = STAGE_TASKS[stage](stage, params, force)
-            threads = _threads_per_process(len(CONCURRENT))
-            futures = {s: STAGE_TASKS[s].submit(s, params, force, isolate=True, threads=threads)
-                       for s in CONCURRENT}
-            wait(list(futures.values()))
-            for stage, future in futures.items():  # raises the first failure, after both end
-                outcomes[stage] = future.result()
+            at_once, threads = stage_slots(len(CONCURRENT))
+            for start in range(0, len(CONCURRENT), at_once):
+                futures = {s: STAGE_TASKS[s].submit(s, params, force, isolate=True,
+                                                    threads=threads)
+                           for s in CONCURRENT[start:start + at_once]}
+                wait(list(futures.values()))
+                for stage, future in futures.items():  # the first failure, after all end
+                    outcomes[stage] = future.result()
             outcomes[FINAL] = STAGE_TASKS[FINAL](FINAL, params, force)
         except Exception as err:
             summary = summarize(outcomes, pipeline, "failed", f"{type(err).__name__}: {err}")

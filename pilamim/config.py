@@ -236,6 +236,9 @@ class FinetuneParams(_Strict):
     randaugment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto_augment spec")
     reprob: float = Field(0.25, ge=0.0, le=1.0, description="random erasing probability")
     crop_scale: CropScale = Field("auto", description=CROP_SCALE_HELP)
+    global_pool: Literal["avg", "token"] = Field(
+        "avg", description="head input: 'avg' = MAE's mean of patch tokens + new fc_norm; "
+        "'token' = the pretrained [CLS] token through the pretrained final norm")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)

@@ -37,9 +37,10 @@ from pilamim.recipes import resolve_crop_scale, uses_mae_regularisation
 from pilamim.schedules import cosine_with_warmup, set_lr
 
 # With global_pool="avg" timm moves the final norm after pooling (fc_norm): the exported
-# ``norm.*`` has no place, ``fc_norm.*`` and the new ``head.*`` start fresh (as in MAE).
-_MAY_BE_MISSING = ("head.", "fc_norm.")
-_MAY_BE_UNEXPECTED = ("norm.",)
+# ``norm.*`` has no place, ``fc_norm.*`` and the new ``head.*`` start fresh (as in MAE). With
+# "token" the pretrained final norm stays and only the head is new.
+_MAY_BE_MISSING = {"avg": ("head.", "fc_norm."), "token": ("head.",)}
+_MAY_BE_UNEXPECTED = {"avg": ("norm.",), "token": ()}
 
 
 class EncoderLoadError(ValueError):
@@ -96,15 +97,18 @@ def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float
     return tf
 
 
-def build_finetune_model(encoder_dir: str | Path, num_classes: int,
-                         drop_path: float = 0.0) -> nn.Module:
-    """The exported encoder with an average-pool + fc_norm + Linear head (MAE fine-tune).
+def build_finetune_model(encoder_dir: str | Path, num_classes: int, drop_path: float = 0.0,
+                         global_pool: str = "avg") -> nn.Module:
+    """The exported encoder with a Linear head on pooled features.
 
-    Only ``head.*``/``fc_norm.*`` may be missing and only ``norm.*`` unexpected; anything
-    else means the weights and encoder.json disagree, and is an error (never half-load).
+    ``avg`` is MAE's fine-tune head (mean of patch tokens, new fc_norm); ``token`` keeps the
+    [CLS] token and final norm PiLaMIM pretrained, which at small budgets starts from what
+    the linear probe sees instead of from a fresh norm (docs/METHOD.md, "Recipes"). Only
+    head (and for ``avg`` fc_norm) keys may be missing and only ``norm.*`` unexpected;
+    anything else means the weights and encoder.json disagree, and is an error.
     """
     spec = read_spec(encoder_dir)
-    kwargs = {**spec["kwargs"], "num_classes": num_classes, "global_pool": "avg",
+    kwargs = {**spec["kwargs"], "num_classes": num_classes, "global_pool": global_pool,
               "drop_path_rate": drop_path}
     model = timm.create_model(spec["model_name"], pretrained=False, **kwargs)
     state = load_file(str(Path(encoder_dir) / WEIGHTS))
@@ -115,8 +119,9 @@ def build_finetune_model(encoder_dir: str | Path, num_classes: int,
             f"encoder weights in {encoder_dir} do not fit {spec['model_name']} with the kwargs "
             f"in its encoder.json ({err}); re-export it with `pilamim pretrain`"
         ) from None
-    bad_missing = sorted(k for k in missing if not k.startswith(_MAY_BE_MISSING))
-    bad_unexpected = sorted(k for k in unexpected if not k.startswith(_MAY_BE_UNEXPECTED))
+    may_miss, may_surprise = _MAY_BE_MISSING[global_pool], _MAY_BE_UNEXPECTED[global_pool]
+    bad_missing = sorted(k for k in missing if not k.startswith(may_miss))
+    bad_unexpected = sorted(k for k in unexpected if not k.startswith(may_surprise))
     if bad_missing or bad_unexpected:
         raise EncoderLoadError(
             f"encoder weights in {encoder_dir} do not match {spec['model_name']}: "
@@ -186,7 +191,8 @@ def run_finetune(encoder_dir: str | Path, train_ds: Dataset, eval_sets: Mapping[
     dtype = autocast_dtype(device, params.precision)
 
     with seeded(params.seed, device):
-        model = build_finetune_model(encoder_dir, num_classes, params.drop_path).to(device)
+        model = build_finetune_model(encoder_dir, num_classes, params.drop_path,
+                                     params.global_pool).to(device)
         mixup = build_mixup(params, num_classes)
         criterion = build_criterion(params, mixup)
         n_train = len(train_ds)  # type: ignore[arg-type]

@@ -21,9 +21,11 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
+from flows.isolation import stage_slots
 from flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
 from pilamim.params_files import load_params
 from pilamim.stages import STAGES
+from pilamim.stages.lineage import eval_protocol
 from tests.flows.support import clear_mlflow, dvc, make_dvc_repo, tiny_params, tracked_env
 
 pytestmark = pytest.mark.slow
@@ -75,11 +77,21 @@ def test_first_run_completes_every_stage(repo, first):
     assert "finetune_top1" in summary["metrics"] and "knn_top1" in summary["metrics"]
 
 
-def test_probe_and_finetune_ran_concurrently(first):
+def test_probe_and_finetune_share_the_cores_as_stage_slots_says(first):
+    """Side by side where each gets 4+ threads; on fewer cores in turn, all cores each."""
     _, _, task_runs = first
     probe, finetune = task_runs["probe"], task_runs["finetune"]
-    assert probe.start_time < finetune.end_time and finetune.start_time < probe.end_time
+    overlapped = probe.start_time < finetune.end_time and finetune.start_time < probe.end_time
+    assert overlapped == (stage_slots(2)[0] == 2)
     assert task_runs["register"].start_time >= max(probe.end_time, finetune.end_time)
+
+
+def test_stage_slots_give_every_stage_a_useful_thread_pool():
+    assert stage_slots(2, cores=2) == (1, 2)     # in turn: each gets both cores
+    assert stage_slots(2, cores=7) == (1, 7)
+    assert stage_slots(2, cores=8) == (2, 4)
+    assert stage_slots(2, cores=16) == (2, 8)
+    assert stage_slots(2, cores=1) == (1, 1)
 
 
 def test_first_version_is_registered_as_champion(repo, first):
@@ -146,4 +158,11 @@ def test_probe_param_change_reruns_probe_and_register_only(repo, first):
     # the flow wrote the changed params where DVC reads them, so DVC agrees it is all done
     assert load_params("params").probe.epochs == params.probe.epochs
     assert "up to date" in dvc(repo, "status")
-    assert json.loads(Path("metrics/register.json").read_text())["version"] == 2
+    # same weights, same version: its metrics are now the ones the changed probe measured
+    record = json.loads(Path("metrics/register.json").read_text())
+    assert record["version"] == 1 and record["reused"] is True
+    tags = MlflowClient().get_model_version(params.register.model_name, "1").tags
+    assert tags["eval_protocol"] == record["eval_protocol"] == eval_protocol("probe",
+                                                                              params.probe)
+    assert float(tags["metric.probe_top1"]) == pytest.approx(record["metrics"]["probe_top1"],
+                                                             rel=1e-5)
