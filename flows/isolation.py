@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.retry import _chain
+from pilamim.checkout_lock import held_lock_fds
 from pilamim.config import Params
 
 
@@ -41,8 +42,9 @@ def execute_isolated(stage: str, params: Params, threads: int | None = None) -> 
         env = {**os.environ, "PYTHONPATH": path}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
+        # the child shares the checkout lock: killed alone, this process leaves it held
         done = subprocess.run([sys.executable, "-P", "-c", _CHILD_CODE, str(job), str(reply)],
-                              env=env)
+                              env=env, pass_fds=held_lock_fds())
         if not reply.exists():
             raise StageProcessError(f"the {stage} process exited with code {done.returncode} "
                                     "before reporting a result (killed? out of memory?)")

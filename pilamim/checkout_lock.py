@@ -41,6 +41,7 @@ LOCK_FILE = Path(".pilamim") / "run.lock"
 TOKEN_ENV = "PILAMIM_RUN_TOKEN"
 EXIT_BUSY = 75  # sysexits EX_TEMPFAIL: "try again later", told apart from a failed stage
 HOLDER_WAIT_S = 2.0  # how long to wait for a holder that has the lock but not yet said who
+_held_fds: list[int] = []  # the lock files this process holds, innermost last
 
 
 class CheckoutBusyError(RuntimeError):
@@ -88,13 +89,25 @@ def hold_checkout(root: str | Path = ".") -> Iterator[None]:
         _write_holder(fd, path.parent.parent, token)
         previous = os.environ.get(TOKEN_ENV)
         os.environ[TOKEN_ENV] = token  # children started from here inherit it
+        _held_fds.append(fd)
         try:
             yield
         finally:
+            _held_fds.remove(fd)
             _restore_env(previous)
             os.ftruncate(fd, 0)  # a clean exit leaves no stale holder behind
     finally:
         os.close(fd)  # releases the flock
+
+
+def held_lock_fds() -> tuple[int, ...]:
+    """The lock files this process holds, for ``subprocess``'s ``pass_fds``.
+
+    A flock belongs to the open file, so a child given the descriptor holds the checkout with
+    its parent: if the parent is killed while the child still writes, the checkout stays
+    busy until the child ends too, instead of freeing while outputs are still being written.
+    """
+    return tuple(_held_fds)
 
 
 def _lock_or_holder(path: Path) -> tuple[int | None, dict[str, Any]]:

@@ -219,3 +219,40 @@ def test_the_ranks_of_one_torchrun_job_share_the_checkout(checkout, holder):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in checkout.glob("rank*.in")) == ["rank0.in", "rank1.in"]
+
+
+_PARENT_WITH_CHILD = """
+import subprocess, sys
+from pilamim.checkout_lock import held_lock_fds, hold_checkout
+with hold_checkout():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             pass_fds=held_lock_fds())
+    print(child.pid, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_child_given_the_lock_keeps_the_checkout_busy_after_its_parent_dies(checkout):
+    """The flow passes its lock to its stage processes: a flow killed on its own leaves them
+    writing, and the checkout stays busy until they end too."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT_WITH_CHILD], cwd=checkout,
+                              env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    try:
+        with pytest.raises(CheckoutBusyError, match=f"pid {parent.pid} "):
+            with hold_checkout(checkout):
+                pass
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    with hold_checkout(checkout):
+        assert read_holder(lock_path(checkout))["pid"] == os.getpid()
