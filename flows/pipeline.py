@@ -38,7 +38,8 @@ and records the outcome:
   in this process, where :mod:`flows.dvc_state` serialises it, so the two never meet DVC's lock.
 * **MLflow.** The flow runs inside :func:`pilamim.tracking.pipeline_run` (the parent run); every
   stage run is its child (env ``PILAMIM_PARENT_RUN_ID``, inherited by the stage processes) and
-  is tagged with the Prefect flow-run and task-run ids.
+  is tagged with the Prefect flow-run and task-run ids, which the flow passes down
+  (:func:`_prefect_tags`): tracking itself does not import Prefect.
 * **One run per checkout** (:mod:`pilamim.checkout_lock`). The flow holds the working directory
   from before it touches ``params/`` to its end; its stage calls and stage processes belong to
   it and pass, while another ``pilamim run``, stage command or ``dvc repro`` there is refused.
@@ -107,19 +108,32 @@ def _scalars(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if v is None or isinstance(v, str | int | float | bool)}
 
 
-def _tag_prefect_ids(run_id: str | None) -> None:
-    """Tag a stage run made in a child process with this flow/task run's Prefect ids."""
-    if not run_id:
-        return
+def _prefect_tags() -> dict[str, str]:
+    """This flow/task run's Prefect ids as MLflow tags (only the ids that exist here).
+
+    Tracking never imports Prefect (:mod:`pilamim.tracking`), so the flow, which runs inside
+    Prefect, hands these to the runs it opens: the pipeline run, the stage runs of this process.
+    """
     from pilamim import tracking
 
     ids = {tracking.TAG_PREFECT_FLOW_RUN: flow_run.get_id(),
            tracking.TAG_PREFECT_TASK_RUN: task_run.get_id()}
+    return {key: str(value) for key, value in ids.items() if value}
+
+
+def _tag_prefect_ids(run_id: str | None) -> None:
+    """Tag a stage run made in a child process with this flow/task run's Prefect ids.
+
+    The child has no Prefect run context to pass down, so its run is tagged once it returns.
+    """
+    if not run_id:
+        return
+    from pilamim import tracking
+
     try:
         client, _ = tracking.connect(check=False)
-        for key, value in ids.items():
-            if value:
-                client.set_tag(run_id, key, str(value))
+        for key, value in _prefect_tags().items():
+            client.set_tag(run_id, key, value)
     except Exception as err:  # noqa: BLE001 - lineage tags are best effort
         get_run_logger().warning("could not tag MLflow run %s with Prefect ids: %s", run_id, err)
 
@@ -159,7 +173,7 @@ def run_stage(stage: str, params: Params, force: bool = False, isolate: bool = F
     else:
         from pilamim.stages.runner import execute
 
-        result = execute(stage, params)
+        result = execute(stage, params, extra_tags=_prefect_tags())
     dvc_state.commit_stage(stage)
     seconds = time.perf_counter() - start
     logger.info("%s finished in %.1f s (MLflow run %s)", stage, seconds,
@@ -218,7 +232,7 @@ def _run_pipeline(params: Params | None, params_dir: str, force: bool) -> dict[s
     params = sync_params(params, params_dir)
     logger = get_run_logger()
     outcomes: dict[str, dict[str, Any]] = {}
-    with tracking.pipeline_run(params) as pipeline:
+    with tracking.pipeline_run(params, extra_tags=_prefect_tags()) as pipeline:
         logger.info("MLflow pipeline run %s (experiment %s)", pipeline.run_id,
                     pipeline.experiment_id)
         try:

@@ -15,6 +15,7 @@ from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError, hold_checkout
 from pilamim.config import GROUPS, ParamsError
 from pilamim.params_files import load_params
 from pilamim.stages import STAGE_GROUPS
+from pilamim.stages.runner import TRACKING_ONLY, TrackingRequiredError
 
 _DOC = {
     "fetch": "Materialise the data source (embedded / folder / s3://) as images under raw_dir.",
@@ -25,6 +26,15 @@ _DOC = {
     "register": "Log + register the encoder in MLflow; the promotion gate sets @champion or "
                 "@challenger -> metrics/register.json.",
 }
+
+
+def _no_track_help(stage: str) -> str:
+    """Every stage command takes ``--no-track``, so scripts can pass it alike; a stage that
+    writes to MLflow anyway (register) refuses it with a reason instead of argparse's bare
+    "unrecognized arguments"."""
+    if stage in TRACKING_ONLY:
+        return "refused (exit code 2): this stage writes to the MLflow Model Registry"
+    return "do not record an MLflow run (default: record one)"
 
 
 def _params_help(groups: Sequence[str]) -> str:
@@ -55,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=_DOC[stage], description=_DOC[stage],
                            epilog=_params_help(groups), formatter_class=raw)
         _params_args(p)
-        p.add_argument("--no-track", action="store_true",
-                       help="do not record an MLflow run (default: record one)")
+        p.add_argument("--no-track", action="store_true", help=_no_track_help(stage))
     p = sub.add_parser("run", help="the whole DAG as the Prefect flow `pilamim-pipeline`",
                        description="fetch -> prepare -> pretrain -> probe + finetune -> register, "
                        "skipping stages DVC reports up to date.", epilog=_params_help(GROUPS),
@@ -103,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = _dispatch(args)
     except ParamsError as err:
         print(f"pilamim {args.command}: invalid params:\n{err}", file=sys.stderr)
+        return 2
+    except TrackingRequiredError as err:  # a usage error, like bad params; nothing written
+        print(f"pilamim {args.command}: error: {err}", file=sys.stderr)
         return 2
     except CheckoutBusyError as err:  # not a bug: no traceback, even with --debug
         print(f"pilamim {args.command}: {err}", file=sys.stderr)

@@ -10,8 +10,15 @@ What every stage run records (:func:`stage_run`): the stage name as the run name
 params of the groups the stage reads (keys ``<group>.<key>``, so the UI filter is
 ``params.pretrain.epochs``), the effective params as ``params/effective.yaml``, tags for the git
 commit (+ dirty flag), the params hash, the pipeline id linking the stage runs of one pipeline
-execution, the Prefect flow-run id when run by Prefect and the DVC/prepared data digest, and
-system metrics (CPU, memory, GPU) sampled by MLflow in the background.
+execution, the DVC/prepared data digest, and system metrics (CPU, memory, GPU) sampled by MLflow
+in the background.
+
+Prefect is orchestration, not tracking: this module never imports it (``tests/pipeline/
+test_layers.py`` checks that no :mod:`pilamim` module does). A run started by the Prefect flow
+gets its flow-run and task-run ids because the flow, which has them, passes them in as
+``extra_tags`` (:func:`pipeline_run`, :func:`pilamim.stages.runner.execute`) or tags a stage
+run made in a child process once it returns; the one id read here is the environment variable
+``PREFECT__FLOW_RUN_ID`` that Prefect's workers export to the processes they start.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -130,26 +136,14 @@ def flatten_params(values: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
 
 
 def prefect_ids() -> dict[str, str]:
-    """Prefect flow-run (and task-run) id when running under Prefect; {} otherwise.
+    """The Prefect flow-run id a worker exported (``PREFECT__FLOW_RUN_ID``) as a tag; {} otherwise.
 
-    Prefect is only consulted when already imported (a Prefect flow imported it); importing it
-    here would cost seconds for every CLI/DVC stage. Deployment workers also export
-    ``PREFECT__FLOW_RUN_ID``.
+    Only the environment is read: importing Prefect here would cost every CLI/DVC stage seconds
+    and tie tracking to one orchestrator. The flow passes the ids of its run context itself
+    (module docstring); ``extra_tags`` are applied after these, so its ids win.
     """
-    ids = {}
-    if env_id := os.environ.get("PREFECT__FLOW_RUN_ID"):
-        ids[TAG_PREFECT_FLOW_RUN] = env_id
-    if "prefect" in sys.modules:
-        try:
-            from prefect.runtime import flow_run, task_run
-
-            if fid := flow_run.get_id():
-                ids[TAG_PREFECT_FLOW_RUN] = str(fid)
-            if tid := task_run.get_id():
-                ids[TAG_PREFECT_TASK_RUN] = str(tid)
-        except Exception as err:  # noqa: BLE001 - lineage is best effort, never fatal
-            log.debug("no Prefect run context: %s", err)
-    return ids
+    env_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    return {TAG_PREFECT_FLOW_RUN: env_id} if env_id else {}
 
 
 # ----------------------------------------------------------------------------- stage runs

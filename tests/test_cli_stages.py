@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ from pilamim.config import Params
 from pilamim.params_files import dump_params
 
 
-def _pilamim(cwd, *args):
+def _pilamim(cwd, *args, env=None):
     return subprocess.run([sys.executable, "-m", "pilamim.cli", *args], cwd=cwd,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
 
 
 def _tiny_params(tmp_path):
@@ -83,3 +84,27 @@ def test_prepare_pretrain_probe_finetune_through_the_cli(tmp_path):
             assert done.returncode == 1 and words in done.stderr, done.stderr[-2000:]
             assert "rerun `pilamim pretrain`" in done.stderr and "Traceback" not in done.stderr
     assert {p: p.read_bytes() for p in (tmp_path / "metrics").iterdir()} == saved
+
+
+def test_register_refuses_no_track_before_writing_anything(tmp_path, monkeypatch):
+    """``--no-track`` promises no MLflow writes; register's work is one (a Model Registry
+    version), so it is refused up front. Every input is in place and MLflow would default to
+    ``./mlflow.db``: only the refusal keeps a store from appearing here."""
+    from tests.pipeline.conftest import export_tiny_encoder, write_metrics, write_prepared
+
+    monkeypatch.chdir(tmp_path)          # write_metrics reads the encoder relative to the cwd
+    dump_params(Params(), tmp_path / "params")
+    export_tiny_encoder(tmp_path / "models" / "pretrain")
+    write_prepared(tmp_path / "data" / "prepared")
+    for stage in ("probe", "finetune"):
+        write_metrics(tmp_path / "metrics" / f"{stage}.json", top1=0.5, top5=0.9)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = _pilamim(tmp_path, "register", "--no-track", env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert ("register writes to the MLflow Model Registry; it cannot run with --no-track"
+            in done.stderr)
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    for made in ("mlflow.db", "mlruns", "mlartifacts", ".pilamim", "metrics/register.json"):
+        assert not (tmp_path / made).exists(), made
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pilamim import data_lineage, registry, tracking
 from pilamim.config import Params
+from pilamim.stages import runner
 
 from .conftest import free_port, write_metrics, write_prepared
 
@@ -150,6 +152,49 @@ def test_child_runs_link_to_the_pipeline_and_ignore_inherited_run_id(params, mon
         assert tags["pilamim.prefect_flow_run_id"] == "flow-run-42"
     got = client.get_run(parent.run_id)
     assert got.info.status == "FINISHED" and got.data.params["probe.epochs"]
+
+
+def test_orchestrator_ids_come_in_as_extra_tags_and_win_over_the_env(params, monkeypatch):
+    """Tracking does not ask Prefect: the flow passes its flow/task run ids as extra tags."""
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "from-a-worker")
+    flow_id = {tracking.TAG_PREFECT_FLOW_RUN: "flow-7"}
+    with tracking.pipeline_run(params, pipeline_id="pipe-7", extra_tags=flow_id) as parent:
+        with tracking.stage_run("probe", params, log_system_metrics=False, extra_tags={
+                **flow_id, tracking.TAG_PREFECT_TASK_RUN: "task-7"}) as child:
+            pass
+    client = MlflowClient()
+    assert client.get_run(parent.run_id).data.tags[tracking.TAG_PREFECT_FLOW_RUN] == "flow-7"
+    tags = client.get_run(child.run_id).data.tags
+    assert tags[tracking.TAG_PREFECT_FLOW_RUN] == "flow-7"
+    assert tags[tracking.TAG_PREFECT_TASK_RUN] == "task-7"
+
+
+def test_the_runner_puts_extra_tags_on_the_stage_run(params, monkeypatch):
+    stage = SimpleNamespace(inputs=lambda p: {}, data_dir=lambda p: None,
+                            run=lambda p, logger: {"answer": 42})
+    monkeypatch.setattr(runner, "stage_module", lambda name: stage)
+    result = runner.execute("probe", params, extra_tags={tracking.TAG_PREFECT_TASK_RUN: "t-1"})
+    got = MlflowClient().get_run(result["mlflow_run_id"])
+    assert got.data.tags[tracking.TAG_PREFECT_TASK_RUN] == "t-1"
+    assert got.data.metrics["probe/answer"] == 42
+
+
+def test_register_refuses_to_run_untracked_before_anything_is_written(tmp_path, params,
+                                                                     encoder_dir):
+    """Registering a version is an MLflow write: ``track=False`` cannot be honoured. Its
+    inputs are all there, so only the refusal keeps it from registering."""
+    write_prepared(tmp_path / "data" / "prepared")
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5, top5=0.9)
+    write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.6, top5=0.9)
+    store = (tmp_path / "mlflow.db").read_bytes()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(runner.TrackingRequiredError,
+                       match="register writes to the MLflow Model Registry; it cannot run "
+                             "with --no-track"):
+        runner.execute("register", params, track=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before    # no lock, no artifacts
+    assert (tmp_path / "mlflow.db").read_bytes() == store
+    runner.check_untracked_allowed("probe")                         # the others may
 
 
 def test_separate_processes_share_the_pipeline_tag(params, monkeypatch):
