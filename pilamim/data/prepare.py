@@ -25,6 +25,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -66,6 +67,26 @@ class _Checked:
     squares: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class _Inventory:
+    """What validation found: the classes that keep images (folder order), each class's usable
+    images (in its shuffled order, which the split follows), and what was left out."""
+
+    classes: list[str]
+    kept: dict[str, list[_Checked]]
+    skipped: list[dict[str, str]]  # sorted by path
+    empty: list[str]  # class folders without usable images
+
+
+@dataclass(frozen=True)
+class _Splits:
+    """The manifest rows (sorted), the training images (for mean/std) and per-split counts."""
+
+    rows: list[tuple[str, str, str, str]]
+    train: list[_Checked]
+    counts: dict[str, dict[str, int]]
+
+
 def prepare(params: DataParams, fetch: bool = True,
             img_size: int = DEFAULT_IMG_SIZE) -> PreparedDataset:
     """Validate and split the source's images, write manifest + dataset.json.
@@ -84,7 +105,24 @@ def prepare(params: DataParams, fetch: bool = True,
         raise FileNotFoundError(f"{root} does not exist: run `pilamim fetch` first")
     classes = check_image_root(root, params.source)
     out_dir = Path(params.out_dir).expanduser().absolute()
+    kept, skipped = _validate_images(root, classes, params, img_size)
+    inventory = _take_stock(root, classes, kept, skipped, params.bad_images)
+    splits = _assign_splits(inventory, params)
+    manifest = _manifest_text(splits.rows)
+    digest = hashlib.sha256(manifest.encode()).hexdigest()
+    info = _dataset_info(params, root, out_dir, inventory, splits, img_size, digest)
+    # dataset.json last: it names the manifest's digest, so it marks a complete output.
+    atomic_write_text(out_dir / MANIFEST_FILE, manifest)
+    atomic_write_json(out_dir / DATASET_FILE, info)
+    log.info("prepared %d images in %d classes (%d skipped) -> %s, digest %s", len(splits.rows),
+             len(inventory.classes), len(inventory.skipped), out_dir, digest[:12])
+    return load_prepared(out_dir)
 
+
+def _validate_images(root: Path, classes: list[str], params: DataParams,
+                     img_size: int) -> tuple[dict[str, list[_Checked]], list[dict[str, str]]]:
+    """Each class's usable images in a seeded shuffled order, decoding only until the cap is
+    reached (a capped run never decodes the whole folder); plus every unusable file seen."""
     kept: dict[str, list[_Checked]] = {}
     skipped: list[dict[str, str]] = []
     files = {name: _list_files(root, name) for name in classes}
@@ -104,11 +142,17 @@ def prepare(params: DataParams, fetch: bool = True,
                     good.append(checked)
                 bar.update()
             kept[name] = good
+    return kept, skipped
 
+
+def _take_stock(root: Path, classes: list[str], kept: dict[str, list[_Checked]],
+                skipped: list[dict[str, str]], bad_images: str) -> _Inventory:
+    """Add what the fetch left out, then refuse (``bad_images: fail``) or warn about every
+    unusable file and empty class, and keep only the classes that have images."""
     fetched = read_fetch_report(root)
     skipped = sorted(skipped + fetched.skipped, key=lambda s: s["path"])
     empty = sorted({name for name in classes if not kept[name]} | set(fetched.empty_classes))
-    if (skipped or empty) and params.bad_images == "fail":
+    if (skipped or empty) and bad_images == "fail":
         raise DataError(_refusal(root, skipped, empty))
     for entry in skipped:
         log.warning("skipping %s: %s", entry["path"], entry["reason"])
@@ -119,25 +163,36 @@ def prepare(params: DataParams, fetch: bool = True,
                         "expected <folder>/<class name>/<image files> that PIL can decode")
     if empty:
         log.warning("class folders without usable images are left out: %s", ", ".join(empty))
+    return _Inventory(classes, kept, skipped, empty)
 
+
+def _assign_splits(inventory: _Inventory, params: DataParams) -> _Splits:
+    """Per class, the first images of its shuffled order go to test, the next to val, the rest
+    to train (:func:`split_sizes`); rows are sorted so the manifest does not depend on order."""
     rows: list[tuple[str, str, str, str]] = []
     train: list[_Checked] = []
     counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    for name in classes:
-        n_test, n_val = split_sizes(len(kept[name]), params.test_fraction, params.val_fraction)
-        for position, item in enumerate(kept[name]):
+    for name in inventory.classes:
+        items = inventory.kept[name]
+        n_test, n_val = split_sizes(len(items), params.test_fraction, params.val_fraction)
+        for position, item in enumerate(items):
             split = "test" if position < n_test else "val" if position < n_test + n_val else "train"
             rows.append((item.rel, name, split, item.sha256))
             counts[split][name] = counts[split].get(name, 0) + 1
             if split == "train":
                 train.append(item)
     rows.sort()
+    return _Splits(rows, train, counts)
 
-    channels = 1 if all(item.gray for items in kept.values() for item in items) else 3
-    mean, std = _mean_std(sorted(train, key=lambda c: c.rel), channels)
-    manifest = _manifest_text(rows)
-    digest = hashlib.sha256(manifest.encode()).hexdigest()
-    info = {
+
+def _dataset_info(params: DataParams, root: Path, out_dir: Path, inventory: _Inventory,
+                  splits: _Splits, img_size: int, digest: str) -> dict[str, Any]:
+    """``dataset.json``: classes, channels, train mean/std, counts, what was left out, the
+    split settings and the manifest's digest. Gray only if every kept image is gray."""
+    classes, counts = inventory.classes, splits.counts
+    channels = 1 if all(item.gray for items in inventory.kept.values() for item in items) else 3
+    mean, std = _mean_std(sorted(splits.train, key=lambda c: c.rel), channels)
+    return {
         "format_version": FORMAT_VERSION,
         "source": params.source,
         "root": _portable_root(root, out_dir),
@@ -146,21 +201,16 @@ def prepare(params: DataParams, fetch: bool = True,
         "mean": mean,
         "std": std,
         "counts": {s: {name: counts[s].get(name, 0) for name in classes} for s in SPLITS},
-        "num_images": {**{s: sum(counts[s].values()) for s in SPLITS}, "total": len(rows)},
+        "num_images": {**{s: sum(counts[s].values()) for s in SPLITS},
+                       "total": len(splits.rows)},
         "stats_img_size": img_size,
-        "skipped": skipped,
-        "empty_classes": empty,
+        "skipped": inventory.skipped,
+        "empty_classes": inventory.empty,
         "split": {"seed": params.seed, "val_fraction": params.val_fraction,
                   "test_fraction": params.test_fraction,
                   "max_images_per_class": params.max_images_per_class},
         "digest": digest,
     }
-    # dataset.json last: it names the manifest's digest, so it marks a complete output.
-    atomic_write_text(out_dir / MANIFEST_FILE, manifest)
-    atomic_write_json(out_dir / DATASET_FILE, info)
-    log.info("prepared %d images in %d classes (%d skipped) -> %s, digest %s", len(rows),
-             len(classes), len(skipped), out_dir, digest[:12])
-    return load_prepared(out_dir)
 
 
 def split_sizes(n: int, test_fraction: float, val_fraction: float) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pilamim.callbacks import Logger, NullLogger
@@ -172,6 +173,25 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.d
     return torch.cat(logits).clone(), torch.cat(labels).clone()
 
 
+@dataclass
+class FinetuneRun:
+    """What :func:`build_run` builds and the epochs share: model, data, optimizer and schedule,
+    and the optimizer steps taken so far (``step``, which drives the lr schedule)."""
+
+    model: nn.Module
+    loader: DataLoader
+    mixup: Mixup | None
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    micro: int  # micro-batch size
+    accum: int  # micro-batches per optimizer step
+    used: int  # micro-batches per epoch that make whole optimizer steps
+    lr: float  # peak lr
+    total: int  # optimizer steps in the run
+    warmup: int
+    step: int = 0
+
+
 def run_finetune(encoder_dir: str | Path, train_ds: Dataset, eval_sets: Mapping[str, Dataset],
                  classes: Sequence[str], params: FinetuneParams, device: torch.device | str,
                  logger: Logger | None = None) -> tuple[dict[str, Any], nn.Module]:
@@ -186,83 +206,118 @@ def run_finetune(encoder_dir: str | Path, train_ds: Dataset, eval_sets: Mapping[
     """
     logger = NullLogger() if logger is None else logger
     device = torch.device(device)
-    num_classes = len(classes)
     report = report_split(eval_sets)
     dtype = autocast_dtype(device, params.precision)
 
     with seeded(params.seed, device):
-        model = build_finetune_model(encoder_dir, num_classes, params.drop_path,
-                                     params.global_pool).to(device)
-        mixup = build_mixup(params, num_classes)
-        criterion = build_criterion(params, mixup)
-        n_train = len(train_ds)  # type: ignore[arg-type]
-        micro = min(params.batch_size, n_train)
-        if mixup is not None:
-            micro -= micro % 2  # Mixup/CutMix pair samples within a batch
-        if micro < (2 if mixup is not None else 1):
-            raise ValueError(f"fine-tuning needs at least 2 training samples, got {n_train}")
-        generator = torch.Generator().manual_seed(params.seed)
-        loader = make_loader(train_ds, micro, device, params.num_workers, shuffle=True,
-                             drop_last=True, generator=generator)
-        accum = min(params.accum_steps, len(loader))
-        updates_per_epoch = len(loader) // accum
-        used = updates_per_epoch * accum
-        lr = params.base_lr * micro * accum / 256
-        optimizer = build_finetune_optimizer(model, params, lr)
-        total = params.epochs * updates_per_epoch
-        warmup = params.warmup_epochs * updates_per_epoch
-        step, train_loss = 0, float("nan")
+        run = build_run(encoder_dir, train_ds, len(classes), params, device)
+        train_loss = float("nan")
         for epoch in tqdm(range(params.epochs), desc="fine-tune", leave=False,
                           disable=not sys.stderr.isatty()):
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, seen = torch.zeros((), device=device), 0
-            for i, (images, labels) in enumerate(loader):
-                if i >= used:
-                    break
-                if i % accum == 0:
-                    set_lr(optimizer, cosine_with_warmup(step, total, warmup, lr, params.min_lr))
-                images = images.to(device, non_blocking=True)
-                targets = torch.as_tensor(labels).long().to(device, non_blocking=True)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with autocast(device, dtype):
-                    logits = model(images)
-                loss = criterion(logits.float(), targets)
-                (loss / accum).backward()
-                loss_sum += loss.detach() * images.shape[0]
-                seen += images.shape[0]
-                if (i + 1) % accum == 0:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-            train_loss = (loss_sum / max(1, seen)).item()
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"fine-tune loss is {train_loss} in epoch {epoch + 1}; lower "
-                    "finetune.base_lr or set finetune.precision: fp32"
-                )
-            logged = {"finetune/train_loss": train_loss,
-                      "finetune/lr": max(g["lr"] for g in optimizer.param_groups)}
-            for name, ds in eval_sets.items():
-                if name == "test":
-                    continue
-                logits, labels = predict(model, ds, params.batch_size, device, dtype,
-                                         params.num_workers)
-                logged[f"finetune/{name}_top1"] = topk_accuracy(logits, labels, 1)
-                logged[f"finetune/{name}_top5"] = topk_accuracy(logits, labels, 5)
-            logger.log_metrics(logged, step=epoch + 1)
+            train_loss = train_one_epoch(run, epoch, params, device, dtype)
+            logger.log_metrics(epoch_metrics(run, train_loss, eval_sets, params, device, dtype),
+                               step=epoch + 1)
 
+    result: dict[str, Any] = evaluate_splits(run.model, eval_sets, classes, params, device,
+                                             dtype)
+    logger.log_metrics({f"finetune/{name}_{key}": result[name][key] for name in result
+                        for key in ("top1", "top5")}, step=params.epochs)
+    result.update(top1=result[report]["top1"], top5=result[report]["top5"],
+                  report_split=report, num_classes=len(classes),
+                  train_samples=len(train_ds),  # type: ignore[arg-type]
+                  batch_size=run.micro * run.accum, lr=run.lr, steps=run.step,
+                  train_loss=train_loss, epochs=params.epochs)
+    return result, run.model
+
+
+def build_run(encoder_dir: str | Path, train_ds: Dataset, num_classes: int,
+              params: FinetuneParams, device: torch.device) -> FinetuneRun:
+    """Model, Mixup, loss, loader, optimizer and lr schedule, in this order (it fixes what each
+    draws from the seeded RNGs). Mixup pairs samples, so its micro-batch is even."""
+    model = build_finetune_model(encoder_dir, num_classes, params.drop_path,
+                                 params.global_pool).to(device)
+    mixup = build_mixup(params, num_classes)
+    criterion = build_criterion(params, mixup)
+    n_train = len(train_ds)  # type: ignore[arg-type]
+    micro = min(params.batch_size, n_train)
+    if mixup is not None:
+        micro -= micro % 2  # Mixup/CutMix pair samples within a batch
+    if micro < (2 if mixup is not None else 1):
+        raise ValueError(f"fine-tuning needs at least 2 training samples, got {n_train}")
+    generator = torch.Generator().manual_seed(params.seed)
+    loader = make_loader(train_ds, micro, device, params.num_workers, shuffle=True,
+                         drop_last=True, generator=generator)
+    accum = min(params.accum_steps, len(loader))
+    updates_per_epoch = len(loader) // accum
+    lr = params.base_lr * micro * accum / 256
+    optimizer = build_finetune_optimizer(model, params, lr)
+    return FinetuneRun(model, loader, mixup, criterion, optimizer, micro, accum,
+                       used=updates_per_epoch * accum, lr=lr,
+                       total=params.epochs * updates_per_epoch,
+                       warmup=params.warmup_epochs * updates_per_epoch)
+
+
+def train_one_epoch(run: FinetuneRun, epoch: int, params: FinetuneParams, device: torch.device,
+                    dtype: torch.dtype | None) -> float:
+    """One pass over the loader's whole optimizer steps (a trailing partial accumulation is
+    left out); returns the mean training loss, and refuses a non-finite one."""
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum, seen = torch.zeros((), device=device), 0
+    for i, (images, labels) in enumerate(run.loader):
+        if i >= run.used:
+            break
+        if i % run.accum == 0:
+            set_lr(run.optimizer,
+                   cosine_with_warmup(run.step, run.total, run.warmup, run.lr, params.min_lr))
+        images = images.to(device, non_blocking=True)
+        targets = torch.as_tensor(labels).long().to(device, non_blocking=True)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
+        with autocast(device, dtype):
+            logits = run.model(images)
+        loss = run.criterion(logits.float(), targets)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach() * images.shape[0]
+        seen += images.shape[0]
+        if (i + 1) % run.accum == 0:
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+    train_loss = (loss_sum / max(1, seen)).item()
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(
+            f"fine-tune loss is {train_loss} in epoch {epoch + 1}; lower "
+            "finetune.base_lr or set finetune.precision: fp32"
+        )
+    return train_loss
+
+
+def epoch_metrics(run: FinetuneRun, train_loss: float, eval_sets: Mapping[str, Dataset],
+                  params: FinetuneParams, device: torch.device,
+                  dtype: torch.dtype | None) -> dict[str, float]:
+    """The per-epoch curve: train loss, peak lr of the groups, and top-1/5 of every split but
+    'test' (the test split is looked at once, at the end)."""
+    logged = {"finetune/train_loss": train_loss,
+              "finetune/lr": max(g["lr"] for g in run.optimizer.param_groups)}
+    for name, ds in eval_sets.items():
+        if name == "test":
+            continue
+        logits, labels = predict(run.model, ds, params.batch_size, device, dtype,
+                                 params.num_workers)
+        logged[f"finetune/{name}_top1"] = topk_accuracy(logits, labels, 1)
+        logged[f"finetune/{name}_top5"] = topk_accuracy(logits, labels, 5)
+    return logged
+
+
+def evaluate_splits(model: nn.Module, eval_sets: Mapping[str, Dataset], classes: Sequence[str],
+                    params: FinetuneParams, device: torch.device,
+                    dtype: torch.dtype | None) -> dict[str, Any]:
+    """Final metrics per split (the probe's shape) plus the unsmoothed cross-entropy loss."""
     result: dict[str, Any] = {}
     for name, ds in eval_sets.items():
         logits, labels = predict(model, ds, params.batch_size, device, dtype, params.num_workers)
         split = classification_metrics(logits, labels, classes)
         split["loss"] = nn.functional.cross_entropy(logits, labels).item()
         result[name] = split
-    logger.log_metrics({f"finetune/{name}_{key}": result[name][key] for name in result
-                        for key in ("top1", "top5")}, step=params.epochs)
-    result.update(top1=result[report]["top1"], top5=result[report]["top5"],
-                  report_split=report, num_classes=num_classes, train_samples=n_train,
-                  batch_size=micro * accum, lr=lr, steps=step, train_loss=train_loss,
-                  epochs=params.epochs)
-    return result, model
+    return result

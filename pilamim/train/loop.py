@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
-from pilamim.data.prepared import load_prepared
-from pilamim.data.pretrain_input import pretrain_input
+from pilamim.data.prepared import PreparedDataset, load_prepared
+from pilamim.data.pretrain_input import PretrainInput, pretrain_input
 from pilamim.data.transforms import eval_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.features import extract_features
@@ -46,7 +46,7 @@ from pilamim.train.checkpoint import (
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
 from pilamim.train.sampler import EpochSampler
-from pilamim.train.step import LOSS_TERMS, TrainStep, build_training
+from pilamim.train.step import LOSS_TERMS, Plan, StepResult, TrainStep, build_training
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,7 +130,111 @@ def pretrain(params: Params, logger: Logger | None = None) -> dict[str, Any]:
         shutdown(info)
 
 
+@dataclasses.dataclass
+class Run:
+    """What one pretraining run is built from, and where it stands (``step``, ``last_saved``).
+
+    Plain state passed to the step functions below, so that :func:`_pretrain` reads as the
+    loop it is and each function names only the step it does.
+    """
+
+    params: Params
+    info: DistInfo
+    device: torch.device
+    prepared: PreparedDataset
+    crop_scale: tuple[float, float]
+    train_input: PretrainInput
+    model: PiLaMIM
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    mask_gen: torch.Generator
+    meta: dict[str, Any]
+    resume: Resume  # its ``path`` is the checkpoint this run writes
+    step: int = 0
+    last_saved: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.params.pretrain.out_dir)
+
+    @property
+    def train_set(self) -> Dataset:
+        return self.train_input.dataset
+
+
+@dataclasses.dataclass
+class LossMeter:
+    """Loss sums since the last log line and since the epoch began, kept on the device: adding
+    never syncs with the host; only reading them for a log line does."""
+
+    sums: dict[str, torch.Tensor]
+    epoch_sums: dict[str, torch.Tensor]
+    counted: int = 0  # micro-batches in ``sums``
+    epoch_counted: int = 0
+    images_since: int = 0  # images since the last log line, for images/s
+    t_log: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> LossMeter:
+        return cls({k: torch.zeros((), device=device) for k in LOSS_TERMS},
+                   {k: torch.zeros((), device=device) for k in LOSS_TERMS})
+
+    def add(self, losses: dict[str, torch.Tensor], micro_batches: int, images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] += v
+            self.epoch_sums[k] += v
+        self.counted += micro_batches
+        self.epoch_counted += micro_batches
+        self.images_since += images
+
+    def restart_log(self) -> None:
+        for v in self.sums.values():
+            v.zero_()
+        self.counted, self.images_since, self.t_log = 0, 0, time.perf_counter()
+
+    def take_epoch_means(self) -> dict[str, float]:
+        """Mean of each loss term over the epoch (one host sync per term), then start over."""
+        means = {k: (self.epoch_sums[k] / max(self.epoch_counted, 1)).item() for k in LOSS_TERMS}
+        for v in self.epoch_sums.values():
+            v.zero_()
+        self.epoch_counted = 0
+        return means
+
+
+@dataclasses.dataclass(frozen=True)
+class Monitors:
+    """Inputs of the per-epoch monitors, built once on rank 0 (None: that monitor is off)."""
+
+    figure_images: torch.Tensor | None  # one val image per class for the reconstruction figure
+    knn_sets: tuple[Subset, ManifestDataset] | None  # (memory bank, queries)
+
+
 def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
+    """The whole run at a glance; each step is its own function below, in the order the run
+    takes them (which is also the order it draws from the RNGs: keep it)."""
+    run = setup_run(params, info)
+    resume_run(run)
+    train_step = TrainStep(run.model, run.optimizer, run.plan, run.mask_gen, info, run.device)
+    sampler = EpochSampler(len(run.train_set), info.world, info.rank, params.pretrain.seed)
+    monitors = build_monitors(run)
+    meter = LossMeter.zeros(run.device)
+    t_start = time.perf_counter()
+    progress = _progress_bar(run)
+    try:  # a failed step (non-finite loss, interrupt) must not leave the bar open
+        for epoch in range(run.step // run.plan.steps_per_epoch, params.pretrain.epochs):
+            train_one_epoch(run, train_step, sampler, epoch, meter, logger, progress)
+            run_monitors(run, monitors, epoch, meter, logger)
+    finally:
+        progress.close()
+    if run.step != run.last_saved:
+        checkpoint(run)
+    barrier(info)
+    return export_outputs(run, wall_time_s=time.perf_counter() - t_start)
+
+
+def setup_run(params: Params, info: DistInfo) -> Run:
+    """Data, model, optimizer and the checkpoint this run continues (its state not yet applied:
+    :func:`resume_run` does that once every rank has read it)."""
     p = params.pretrain
     if info.is_main:  # before any work: a read-only output folder is no reason to train
         ensure_writable([p.out_dir, Path(p.metrics_path).parent])
@@ -141,118 +245,141 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     train_input = pretrain_input(prepared, "train", params.model.img_size, crop_scale,
                                  p.hflip, p.input_pipeline, device,
                                  cache=None if p.num_workers == 0 else False)
-    train_set = train_input.dataset
-    model, optimizer, plan, mask_gen = build_training(params, prepared.channels, len(train_set),
-                                                      info, device)
-    out_dir = Path(p.out_dir)
+    model, optimizer, plan, mask_gen = build_training(
+        params, prepared.channels, len(train_input.dataset), info, device)
     meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
-    resume = find_resume(out_dir, meta, device)
-    ckpt_path = resume.path
-    barrier(info)  # every rank has read its state before rank 0 deletes anything
-    if info.is_main:
-        _announce(resume, out_dir, plan.total_steps)
-        if ckpt_path.name != CHECKPOINT:
-            prune_recipe_checkpoints(out_dir, protect=ckpt_path)
-    step = resume.step
-    if resume.state is not None:
-        _restore(resume.state, model, optimizer, mask_gen)
-    resume = dataclasses.replace(resume, state=None)  # the loaded state is not needed any more
+    return Run(params, info, device, prepared, crop_scale, train_input, model, optimizer, plan,
+               mask_gen, meta, find_resume(Path(p.out_dir), meta, device))
 
-    train_step = TrainStep(model, optimizer, plan, mask_gen, info, device)
-    sampler = EpochSampler(len(train_set), info.world, info.rank, p.seed)
-    fixed_batch = (figure_batch(prepared, params, device)
-                   if info.is_main and model.pixel_decoder is not None
-                   and p.figure_every_epochs else None)
-    knn_sets = knn_monitor_sets(prepared, params) if info.is_main and p.knn_every_epochs else None
 
-    def checkpoint(at_step: int) -> None:
-        if info.is_main:
-            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=at_step,
-                            mask_generator=mask_gen, meta=meta)
+def resume_run(run: Run) -> None:
+    """Apply the found checkpoint (model, optimizer, mask and CPU RNG state) and drop it from
+    memory; rank 0 says what it continues and prunes other recipes' checkpoints."""
+    barrier(run.info)  # every rank has read its state before rank 0 deletes anything
+    if run.info.is_main:
+        _announce(run.resume, run.out_dir, run.plan.total_steps)
+        if run.resume.path.name != CHECKPOINT:
+            prune_recipe_checkpoints(run.out_dir, protect=run.resume.path)
+    run.step = run.last_saved = run.resume.step
+    if run.resume.state is not None:
+        _restore(run.resume.state, run.model, run.optimizer, run.mask_gen)
+    run.resume = dataclasses.replace(run.resume, state=None)  # the state is not needed any more
 
-    sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
-    epoch_sums = {k: torch.zeros((), device=device) for k in LOSS_TERMS}
-    counted, epoch_counted = 0, 0
-    last_saved = step
-    t_log, images_since = time.perf_counter(), 0
-    t_start = time.perf_counter()
-    progress = tqdm(total=plan.total_steps, initial=step, disable=not info.is_main,
-                    desc="pretrain", unit="step", dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay readable
 
-    try:  # a failed step (non-finite loss, interrupt) must not leave the bar open
-        for epoch in range(step // plan.steps_per_epoch, p.epochs):
-            done_in_epoch = step - epoch * plan.steps_per_epoch
-            sampler.set_epoch(epoch, start=done_in_epoch * p.accum_steps * p.batch_size)
-            loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=p.num_workers, pin_memory=device.type == "cuda",
-                                persistent_workers=False, collate_fn=train_input.collate_fn)
-            batches = iter(loader)
-            model.train()
-            for _ in range(done_in_epoch, plan.steps_per_epoch):
-                micro = (train_input.to_device(batch)
-                         for batch in itertools.islice(batches, p.accum_steps))
-                result = train_step(micro, step, want_grad_norm=(step + 1) % p.log_every_steps == 0)
-                for k, v in result.losses.items():
-                    sums[k] += v
-                    epoch_sums[k] += v
-                counted += p.accum_steps
-                epoch_counted += p.accum_steps
-                step += 1
-                images_since += plan.global_batch
-                progress.update(1)
+def build_monitors(run: Run) -> Monitors:
+    """The figure batch and kNN sets, decoded once, on rank 0 and only when they are wanted."""
+    p = run.params.pretrain
+    figure_images = (figure_batch(run.prepared, run.params, run.device)
+                     if run.info.is_main and run.model.pixel_decoder is not None
+                     and p.figure_every_epochs else None)
+    knn_sets = (knn_monitor_sets(run.prepared, run.params)
+                if run.info.is_main and p.knn_every_epochs else None)
+    return Monitors(figure_images, knn_sets)
 
-                # On CPU a sync is free, so check every step; on GPU only when we read values.
-                at_log = step % p.log_every_steps == 0 or step == plan.total_steps
-                at_ckpt = step % p.checkpoint_every_steps == 0 or step == plan.total_steps
-                if at_log or at_ckpt or device.type == "cpu":
-                    _check_finite(sums["loss"], step, ckpt_path, last_saved)
-                if at_log:
-                    elapsed = time.perf_counter() - t_log
-                    metrics = {k: (sums[k] / counted).item() for k in LOSS_TERMS
-                               if k == "loss" or sums[k].item() != 0.0}
-                    metrics.update(lr=result.lr, ema_momentum=result.momentum, epoch=epoch,
-                                   images_per_s=images_since / max(elapsed, 1e-9))
-                    if result.grad_norm is not None:
-                        metrics["grad_norm"] = float(result.grad_norm)
-                    if info.is_main:
-                        logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, step)
-                        progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                             img_s=f"{metrics['images_per_s']:.0f}")
-                    for v in sums.values():
-                        v.zero_()
-                    counted, images_since, t_log = 0, 0, time.perf_counter()
-                if at_ckpt:
-                    checkpoint(step)
-                    last_saved = step
 
-            epoch_metrics = {f"pretrain/epoch_{k}": (epoch_sums[k] / max(epoch_counted, 1)).item()
-                             for k in LOSS_TERMS}
-            for v in epoch_sums.values():
-                v.zero_()
-            epoch_counted = 0
-            if info.is_main:
-                if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
-                    epoch_metrics.update(_knn_monitor(model, *knn_sets, prepared.num_classes,
-                                                      device))
-                logger.log_metrics(epoch_metrics, step)
-                if fixed_batch is not None and (epoch + 1) % p.figure_every_epochs == 0:
-                    logger.log_artifact(_save_figure(model, fixed_batch, params, prepared, epoch,
-                                                     out_dir))
-    finally:
-        progress.close()
-    if step != last_saved:
-        checkpoint(step)
-    barrier(info)
+def _progress_bar(run: Run) -> tqdm:
+    return tqdm(total=run.plan.total_steps, initial=run.step, disable=not run.info.is_main,
+                desc="pretrain", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs stay readable
 
-    summary = {"steps": step, "epochs": p.epochs, "global_batch": plan.global_batch,
-               "base_lr": plan.base_lr, "peak_lr": plan.peak_lr, "crop_scale_min": crop_scale[0],
-               "world_size": info.world, "preset": params.model.preset,
-               "train_images": len(train_set), "wall_time_s": time.perf_counter() - t_start,
-               "dataset_digest": prepared.digest}
-    if info.is_main:
-        summary.update(_final_losses(model, prepared, params, device))
-        _commit_outputs(model, resume, prepared, params, summary)
+
+def train_one_epoch(run: Run, train_step: TrainStep, sampler: EpochSampler, epoch: int,
+                    meter: LossMeter, logger: Logger, progress: tqdm) -> None:
+    """The epoch's remaining steps (all of them unless the run resumed inside this epoch); the
+    sampler skips the images the checkpoint already trained on."""
+    p = run.params.pretrain
+    done_in_epoch = run.step - epoch * run.plan.steps_per_epoch
+    sampler.set_epoch(epoch, start=done_in_epoch * p.accum_steps * p.batch_size)
+    loader = DataLoader(run.train_set, batch_size=p.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=p.num_workers, pin_memory=run.device.type == "cuda",
+                        persistent_workers=False, collate_fn=run.train_input.collate_fn)
+    batches = iter(loader)
+    run.model.train()
+    for _ in range(done_in_epoch, run.plan.steps_per_epoch):
+        micro = (run.train_input.to_device(batch)
+                 for batch in itertools.islice(batches, p.accum_steps))
+        result = train_step(micro, run.step,
+                            want_grad_norm=(run.step + 1) % p.log_every_steps == 0)
+        meter.add(result.losses, p.accum_steps, run.plan.global_batch)
+        run.step += 1
+        progress.update(1)
+        after_step(run, result, epoch, meter, logger, progress)
+
+
+def after_step(run: Run, result: StepResult, epoch: int, meter: LossMeter, logger: Logger,
+               progress: tqdm) -> None:
+    """Check the loss, log and checkpoint, each at its cadence (the last step does all)."""
+    p = run.params.pretrain
+    last = run.step == run.plan.total_steps
+    at_log = run.step % p.log_every_steps == 0 or last
+    at_ckpt = run.step % p.checkpoint_every_steps == 0 or last
+    # On CPU a sync is free, so check every step; on GPU only when we read values.
+    if at_log or at_ckpt or run.device.type == "cpu":
+        _check_finite(meter.sums["loss"], run.step, run.resume.path, run.last_saved)
+    if at_log:
+        log_step(run, result, epoch, meter, logger, progress)
+    if at_ckpt:
+        checkpoint(run)
+
+
+def log_step(run: Run, result: StepResult, epoch: int, meter: LossMeter, logger: Logger,
+             progress: tqdm) -> None:
+    """Mean losses since the last log line, lr, EMA momentum and throughput (images/s), as
+    ``pretrain/*`` at the current step; loss terms the preset does not use (all zero) are left
+    out."""
+    elapsed = time.perf_counter() - meter.t_log
+    sums = meter.sums
+    metrics = {k: (sums[k] / meter.counted).item() for k in LOSS_TERMS
+               if k == "loss" or sums[k].item() != 0.0}
+    metrics.update(lr=result.lr, ema_momentum=result.momentum, epoch=epoch,
+                   images_per_s=meter.images_since / max(elapsed, 1e-9))
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = float(result.grad_norm)
+    if run.info.is_main:
+        logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, run.step)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                             img_s=f"{metrics['images_per_s']:.0f}")
+    meter.restart_log()
+
+
+def checkpoint(run: Run) -> None:
+    """Rank 0 saves the run at its current step; every rank notes that step as saved."""
+    if run.info.is_main:
+        save_checkpoint(run.resume.path, model=run.model, optimizer=run.optimizer, step=run.step,
+                        mask_generator=run.mask_gen, meta=run.meta)
+    run.last_saved = run.step
+
+
+def run_monitors(run: Run, monitors: Monitors, epoch: int, meter: LossMeter,
+                 logger: Logger) -> None:
+    """End of an epoch: the epoch's mean losses, plus on rank 0 the kNN monitor and the
+    reconstruction figure at their cadences. Keep the order: the kNN loaders draw from the
+    global torch RNG (each DataLoader iterator does), whose state the checkpoint saves."""
+    p = run.params.pretrain
+    epoch_metrics = {f"pretrain/epoch_{k}": v for k, v in meter.take_epoch_means().items()}
+    if not run.info.is_main:
+        return
+    if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
+        epoch_metrics.update(_knn_monitor(run.model, *monitors.knn_sets,
+                                          run.prepared.num_classes, run.device))
+    logger.log_metrics(epoch_metrics, run.step)
+    if monitors.figure_images is not None and (epoch + 1) % p.figure_every_epochs == 0:
+        logger.log_artifact(_save_figure(run.model, monitors.figure_images, run.params,
+                                         run.prepared, epoch, run.out_dir))
+
+
+def export_outputs(run: Run, wall_time_s: float) -> dict[str, Any]:
+    """The run's summary; rank 0 adds the val losses and commits checkpoint, encoder and
+    metrics JSON together (:func:`_commit_outputs`)."""
+    p, plan = run.params.pretrain, run.plan
+    summary = {"steps": run.step, "epochs": p.epochs, "global_batch": plan.global_batch,
+               "base_lr": plan.base_lr, "peak_lr": plan.peak_lr,
+               "crop_scale_min": run.crop_scale[0], "world_size": run.info.world,
+               "preset": run.params.model.preset, "train_images": len(run.train_set),
+               "wall_time_s": wall_time_s, "dataset_digest": run.prepared.digest}
+    if run.info.is_main:
+        summary.update(_final_losses(run.model, run.prepared, run.params, run.device))
+        _commit_outputs(run.model, run.resume, run.prepared, run.params, summary)
     return summary
 
 
