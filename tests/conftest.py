@@ -65,8 +65,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def micro_model_params(**changes) -> ModelParams:
-    base = dict(size="micro", img_size=16, patch_size=4, decoder_depth=1, decoder_width=16,
-                decoder_heads=2)
+    base = dict(size="micro", depth=None, img_size=16, patch_size=4, decoder_depth=1,
+                decoder_width=16, decoder_heads=2)
     return ModelParams(**{**base, **changes})
 
 

@@ -22,7 +22,8 @@ def _tiny_params(tmp_path):
     params = Params()
     params.data.max_images_per_class = 30
     params.model = params.model.model_copy(update=dict(
-        size="micro", img_size=16, decoder_depth=1, decoder_width=16, decoder_heads=2))
+        size="micro", depth=None, img_size=16, decoder_depth=1, decoder_width=16,
+        decoder_heads=2))
     params.pretrain.epochs, params.pretrain.batch_size, params.pretrain.lr = 3, 16, 1e-3
     # LARS moves weights ~lr*1e-3 relatively per step: few samples need a larger lr
     params.probe.warmup_epochs, params.probe.epochs = 3, 40

@@ -125,3 +125,21 @@ def test_every_malformed_set_is_blamed_on_the_set(tmp_path, override, expected):
     with pytest.raises(ParamsError) as err:
         load_params(tmp_path, [override])
     assert expected in str(err.value)
+
+
+def test_the_code_defaults_are_the_shipped_params():
+    """One source of defaults: `--help` shows what `pilamim run` uses, and a group file that
+    asks for the code's defaults (`{}`) gets the shipped values."""
+    assert load_params("params") == Params()
+
+
+def test_the_imagenet_preset_is_the_paper_recipe_whatever_the_code_defaults():
+    """The preset states every value it needs instead of inheriting the embedded default's."""
+    p = load_params("params/presets/imagenet-vit-b16")
+    assert (p.model.size, p.model.depth, p.model.img_size, p.model.patch_size) == (
+        "base", None, 224, 16)
+    assert (p.model.decoder_depth, p.model.decoder_width, p.model.decoder_heads) == (6, 384, 12)
+    assert (p.pretrain.epochs, p.pretrain.batch_size, p.pretrain.hflip) == (800, 256, True)
+    assert p.pretrain.knn_every_epochs == 0 and p.pretrain.base_lr == 1.5e-4
+    assert (p.finetune.epochs, p.finetune.batch_size, p.finetune.base_lr,
+            p.finetune.layer_decay) == (100, 128, 5e-4, 0.65)

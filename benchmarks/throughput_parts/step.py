@@ -31,7 +31,8 @@ def _params(s: dict[str, Any], **changes: Any):
     from pilamim.config import ModelParams, Params, PretrainParams
 
     s = {**s, **changes}
-    model = ModelParams(preset=s["preset"], size=s["size"], img_size=s["img_size"],
+    model = ModelParams(preset=s["preset"], size=s["size"], depth=None,  # the size's own
+                        img_size=s["img_size"],
                         patch_size=s["patch_size"], mask_ratio=s["mask_ratio"],
                         decoder_depth=s["decoder_depth"], decoder_width=s["decoder_width"],
                         decoder_heads=s["decoder_heads"])

@@ -65,7 +65,8 @@ def tiny_params(source: str) -> Params:
     p = Params()
     p.data.source = source
     p.model = p.model.model_copy(update=dict(
-        size="micro", img_size=16, decoder_depth=1, decoder_width=16, decoder_heads=2))
+        size="micro", depth=None, img_size=16, decoder_depth=1, decoder_width=16,
+        decoder_heads=2))
     p.pretrain.epochs, p.pretrain.batch_size, p.pretrain.lr = 1, 16, 1e-3
     p.pretrain.warmup_epochs, p.pretrain.log_every_steps = 0, 1
     p.probe.warmup_epochs, p.probe.epochs, p.probe.batch_size, p.probe.base_lr = 1, 5, 16, 100.0

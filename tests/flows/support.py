@@ -33,11 +33,12 @@ def tracked_env(mp: pytest.MonkeyPatch, folder: Path) -> str:
 
 
 def tiny_params() -> Params:
-    """Seconds-long stages on the default relative paths (SPEC "tiny settings")."""
+    """Seconds-long stages on the default relative paths (a micro model, a few epochs)."""
     p = Params()
     p.data.max_images_per_class = 30
     p.model = p.model.model_copy(update=dict(
-        size="micro", img_size=16, decoder_depth=1, decoder_width=16, decoder_heads=2))
+        size="micro", depth=None, img_size=16, decoder_depth=1, decoder_width=16,
+        decoder_heads=2))
     p.pretrain.epochs, p.pretrain.batch_size, p.pretrain.lr = 1, 16, 1e-3
     p.pretrain.warmup_epochs, p.pretrain.device = 0, "cpu"
     p.probe.warmup_epochs, p.probe.epochs, p.probe.batch_size = 1, 8, 16
