@@ -57,24 +57,34 @@ class RegistryError(LookupError):
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_eval_metrics(rp: RegisterParams) -> dict[str, float]:
-    """The metrics of :data:`METRIC_SOURCES` found in the probe/finetune JSON files.
+def read_metric_files(rp: RegisterParams) -> dict[str, dict[str, Any]]:
+    """The probe/finetune metrics files that exist, by their :class:`RegisterParams` field.
 
-    The file holding the gate metric must exist ("run `pilamim probe` first"); other files
-    are optional (a metric that is absent is just not recorded). Values must be fractions.
+    The file holding the gate metric must exist ("run `pilamim probe` first"); the others are
+    optional (a metric that is absent is just not recorded).
     """
-    gate_file, gate_key, gate_stage = METRIC_SOURCES[rp.gate_metric]
+    gate_file, _, gate_stage = METRIC_SOURCES[rp.gate_metric]
     gate_path = Path(getattr(rp, gate_file))
     if not gate_path.exists():
         raise FileNotFoundError(
             f"gate metric {rp.gate_metric!r} is read from {gate_path}, which does not exist — "
             f"run `pilamim {gate_stage}` first"
         )
-    loaded: dict[str, dict] = {}
+    loaded: dict[str, dict[str, Any]] = {}
     for attr in {src[0] for src in METRIC_SOURCES.values()}:
         path = Path(getattr(rp, attr))
         if path.exists():
             loaded[attr] = json.loads(path.read_text())
+    return loaded
+
+
+def read_eval_metrics(rp: RegisterParams,
+                      loaded: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """The metrics of :data:`METRIC_SOURCES` in the files (:func:`read_metric_files`, read
+    here unless given). Values must be fractions."""
+    gate_file, gate_key, gate_stage = METRIC_SOURCES[rp.gate_metric]
+    gate_path = Path(getattr(rp, gate_file))
+    loaded = read_metric_files(rp) if loaded is None else loaded
     metrics = {}
     for name, (attr, key, _) in METRIC_SOURCES.items():
         value = loaded.get(attr, {}).get(key)
@@ -267,7 +277,8 @@ def read_register_inputs(rp: RegisterParams) -> RegisterInputs:
     """Metrics, encoder and data of one lineage, or a :class:`LineageError` naming the stage
     to rerun: the encoder must be pretrained on the prepared data, and every metrics file must
     have measured this encoder on this data."""
-    metrics = read_eval_metrics(rp)
+    files = read_metric_files(rp)
+    metrics = read_eval_metrics(rp, files)
     spec = read_encoder_config(rp.encoder_dir)
     digest = data_lineage.read_data_digest(rp.data_dir)
     if digest is None:
@@ -282,10 +293,8 @@ def read_register_inputs(rp: RegisterParams) -> RegisterInputs:
     gate_file = METRIC_SOURCES[rp.gate_metric][0]
     protocol = ""
     for attr, stage in sorted({(src[0], src[2]) for src in METRIC_SOURCES.values()}):
-        path = Path(getattr(rp, attr))
-        if path.exists():
-            lineage = check_metrics_lineage(path, json.loads(path.read_text()), stage, digest,
-                                            sha)
+        if attr in files:
+            lineage = check_metrics_lineage(getattr(rp, attr), files[attr], stage, digest, sha)
             protocol = lineage["protocol"] if attr == gate_file else protocol
     return RegisterInputs(metrics, digest, sha, protocol)
 

@@ -6,15 +6,13 @@ has nothing to do.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fresh_checkout import fresh_checkout
+
 TINY = [
     "data.max_images_per_class=30",
     "model.size=micro", "model.depth=2", "model.img_size=16", "model.decoder_depth=1",
@@ -28,21 +26,8 @@ TINY = [
 
 @pytest.mark.slow
 def test_pilamim_run_end_to_end(tmp_path):
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("dvc.yaml", "params", ".dvcignore", "pilamim"):  # pilamim/: DVC code deps
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=ignore)
-        else:
-            shutil.copy(src, tmp_path / name)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "PREFECT_HOME": str(tmp_path / ".prefect"), "GIT_CONFIG_NOSYSTEM": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("PREFECT_API_URL", None)
+    env = fresh_checkout(tmp_path)
     dvc = [sys.executable, "-m", "dvc"]
-    for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"],
-                [*dvc, "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
 
     sets = [arg for item in TINY for arg in ("--set", item)]
     done = subprocess.run([sys.executable, "-m", "pilamim.cli", "run", *sets], cwd=tmp_path,

@@ -64,21 +64,28 @@ def test_big_images_never_become_big_float_arrays(tmp_path: Path) -> None:
     assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB of Python/numpy memory"
 
 
-@pytest.mark.parametrize(("mode", "suffix"), [("I;16", ".png"), ("I;16B", ".tif"),
-                                              ("I", ".tif")])
-def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path: Path, mode: str,
-                                                        suffix: str) -> None:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "imgs"
+def _sixteen_bit_tree(root: Path, mode: str, suffix: str, seed: int) -> dict[str, np.ndarray]:
+    """Two classes of 8x8 images stored in 16 bits (``level * 257``); the 8-bit pictures they
+    hold, by relative path."""
+    rng = np.random.default_rng(seed)
     levels = {}
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(4):
-            level = rng.integers(0, 256, (8, 8))  # the 8-bit picture ...
-            wide = (level * 257).astype(">u2" if mode == "I;16B" else "<u2")  # ... in 16 bits
-            raw = wide.astype("<i4") if mode == "I" else wide
+            level = rng.integers(0, 256, (8, 8)).astype(np.uint8)  # the 8-bit picture ...
+            wide = (level.astype(np.uint32) * 257).astype(">u2" if mode == "I;16B" else "<u2")
+            raw = wide.astype("<i4") if mode == "I" else wide         # ... in 16 bits
             Image.frombytes(mode, (8, 8), raw.tobytes()).save(root / name / f"{i}{suffix}")
             levels[f"{name}/{i}{suffix}"] = level
+    return levels
+
+
+@pytest.mark.parametrize(("mode", "suffix"), [("I;16", ".png"), ("I;16B", ".tif"),
+                                              ("I", ".tif")])
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path: Path, mode: str,
+                                                        suffix: str) -> None:
+    root = tmp_path / "imgs"
+    levels = _sixteen_bit_tree(root, mode, suffix, seed=0)
     with Image.open(root / "a" / f"0{suffix}") as img:
         assert img.mode == mode
     prepared = prepare(_params(root, tmp_path), img_size=8)
@@ -138,16 +145,8 @@ def test_loaders_scale_16_bit_images_as_the_statistics_do(tmp_path: Path, mode: 
     from pilamim.data.bit_depth import tensor_to_8bit
     from pilamim.data.dataset import ManifestDataset
 
-    rng = np.random.default_rng(1)
     root = tmp_path / "imgs"
-    levels = {}
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            level = rng.integers(0, 256, (8, 8)).astype(np.uint8)
-            wide = (level.astype(np.uint32) * 257).astype(">u2" if mode == "I;16B" else "<u2")
-            Image.frombytes(mode, (8, 8), wide.tobytes()).save(root / name / f"{i}{suffix}")
-            levels[f"{name}/{i}{suffix}"] = level
+    levels = _sixteen_bit_tree(root, mode, suffix, seed=1)
     prepared = prepare(_params(root, tmp_path), img_size=8)
     loader = ManifestDataset(prepared, "train")
     for index, record in enumerate(prepared.split("train")):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.fresh_checkout import fresh_checkout
+
+EXPERIMENT = "pilamim-faults"
 SEED = int(os.environ.get("PILAMIM_FAULT_SEED", "0"))
 TINY = [
     "data.max_images_per_class=30",
@@ -53,29 +54,6 @@ KILL_POINTS = {
     "probe+finetune": (_exists("models/pretrain/encoder.safetensors"), 6.0),
     "register": (_exists("metrics/probe.json", "metrics/finetune.json"), 4.0),
 }
-
-
-def _checkout(root: Path) -> dict[str, str]:
-    """A fresh git + DVC checkout of the pipeline, as the README's main command expects."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", "params", ".dvcignore", "pilamim"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=ignore)
-        else:
-            shutil.copy(src, root / name)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
-           "PREFECT_HOME": str(root / ".prefect"), "GIT_CONFIG_NOSYSTEM": "1",
-           "PILAMIM_EXPERIMENT": "pilamim-faults",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for name in ("PREFECT_API_URL", "PILAMIM_PIPELINE_ID", "PILAMIM_PARENT_RUN_ID",
-                 "MLFLOW_RUN_ID"):
-        env.pop(name, None)
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    return env
 
 
 def _command() -> list[str]:
@@ -121,12 +99,12 @@ def _numbers(root: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_equals_an_uninterrupted_run(tmp_path):
     reference_root = tmp_path / "reference"
-    _run(reference_root, _checkout(reference_root))
+    _run(reference_root, fresh_checkout(reference_root, PILAMIM_EXPERIMENT=EXPERIMENT))
     reference = _numbers(reference_root)
     assert {"metrics/probe.json:top1", "metrics/finetune.json:top1"} <= set(reference)
 
     root = tmp_path / "faulted"
-    env = _checkout(root)
+    env = fresh_checkout(root, PILAMIM_EXPERIMENT=EXPERIMENT)
     rng = random.Random(SEED)
     outcomes = {}
     for point, (trigger, max_delay) in KILL_POINTS.items():
@@ -140,7 +118,7 @@ def test_sigkill_anywhere_then_rerun_equals_an_uninterrupted_run(tmp_path):
     versions = client.search_model_versions("name = 'pilamim-encoder'")
     assert len(versions) == 1, context
     assert versions[0].tags.get("decision") == "champion", context
-    experiment = client.get_experiment_by_name("pilamim-faults")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     running = client.search_runs([experiment.experiment_id],
                                  filter_string="attributes.status = 'RUNNING'")
     assert running == [], context
