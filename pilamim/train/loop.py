@@ -45,6 +45,7 @@ from pilamim.train.checkpoint import (
 )
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from pilamim.train.figures import reconstruction_figure
+from pilamim.train.flops import peak_flops, step_flops_per_image
 from pilamim.train.sampler import EpochSampler
 from pilamim.train.step import LOSS_TERMS, Plan, StepResult, TrainStep, build_training
 
@@ -152,6 +153,10 @@ class Run:
     resume: Resume  # its ``path`` is the checkpoint this run writes
     step: int = 0
     last_saved: int = 0
+    # Model FLOPs per image of one step, and one device's peak FLOP/s (None: unknown, no MFU):
+    # fixed by the shapes and the device, so worked out once (pilamim.train.flops).
+    flops_per_image: float = 0.0
+    peak_flops: float | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -249,7 +254,10 @@ def setup_run(params: Params, info: DistInfo) -> Run:
         params, prepared.channels, len(train_input.dataset), info, device)
     meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
     return Run(params, info, device, prepared, crop_scale, train_input, model, optimizer, plan,
-               mask_gen, meta, find_resume(Path(p.out_dir), meta, device))
+               mask_gen, meta, find_resume(Path(p.out_dir), meta, device),
+               flops_per_image=step_flops_per_image(params.model, prepared.channels,
+                                                    model.patch_matmul),
+               peak_flops=peak_flops(device))
 
 
 def resume_run(run: Run) -> None:
@@ -324,21 +332,32 @@ def after_step(run: Run, result: StepResult, epoch: int, meter: LossMeter, logge
 
 def log_step(run: Run, result: StepResult, epoch: int, meter: LossMeter, logger: Logger,
              progress: tqdm) -> None:
-    """Mean losses since the last log line, lr, EMA momentum and throughput (images/s), as
-    ``pretrain/*`` at the current step; loss terms the preset does not use (all zero) are left
-    out."""
+    """Mean losses since the last log line, lr, EMA momentum and throughput, as ``pretrain/*``
+    at the current step; loss terms the preset does not use (all zero) are left out.
+
+    Throughput is of the whole run, all processes together: ``images_per_s`` counts the global
+    batch of every step, ``tflops_per_s`` is the model FLOP/s that makes (TFLOP/s, from
+    :func:`pilamim.train.flops.step_flops_per_image`), and ``mfu`` (a fraction, only where the
+    device's peak is known) divides it by the peak of all ``world`` devices.
+    """
     elapsed = time.perf_counter() - meter.t_log
     sums = meter.sums
     metrics = {k: (sums[k] / meter.counted).item() for k in LOSS_TERMS
                if k == "loss" or sums[k].item() != 0.0}
+    images_per_s = meter.images_since / max(elapsed, 1e-9)
+    achieved = run.flops_per_image * images_per_s  # FLOP/s
     metrics.update(lr=result.lr, ema_momentum=result.momentum, epoch=epoch,
-                   images_per_s=meter.images_since / max(elapsed, 1e-9))
+                   images_per_s=images_per_s, tflops_per_s=achieved / 1e12)
+    if run.peak_flops is not None:
+        metrics["mfu"] = achieved / (run.peak_flops * run.info.world)
     if result.grad_norm is not None:
         metrics["grad_norm"] = float(result.grad_norm)
     if run.info.is_main:
         logger.log_metrics({f"pretrain/{k}": v for k, v in metrics.items()}, run.step)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                             img_s=f"{metrics['images_per_s']:.0f}")
+        shown = {"loss": f"{metrics['loss']:.4f}", "img_s": f"{images_per_s:.0f}"}
+        if "mfu" in metrics:
+            shown["mfu"] = f"{metrics['mfu']:.1%}"
+        progress.set_postfix(shown)
     meter.restart_log()
 
 
