@@ -13,13 +13,13 @@ repository root: the flow reads ``params/`` and writes ``data/``, ``models/``, `
 
 2. Either **serve** (one long-running process that both schedules and runs the flow)::
 
-       python -m flows.deploy                     # Ctrl-C stops it and pauses the schedule
+       python -m pilamim_flows.deploy                     # Ctrl-C stops it and pauses the schedule
 
    or **deploy to a process work pool** (a worker runs each flow run in a subprocess)::
 
        prefect work-pool create --type process pilamim-process
        prefect deploy --name nightly              # reads prefect.yaml
-       #   or: python -m flows.deploy --pool pilamim-process
+       #   or: python -m pilamim_flows.deploy --pool pilamim-process
        prefect worker start --pool pilamim-process
 
 3. Trigger a run now instead of waiting for the schedule::
@@ -36,10 +36,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from pilamim_flows.pipeline import FLOW_NAME, pilamim_pipeline
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
-
-from flows.pipeline import FLOW_NAME, pilamim_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:pilamim_pipeline"
@@ -87,7 +86,7 @@ def deploy(pool: str = WORK_POOL, name: str = DEPLOYMENT_NAME, cron: str = CRON,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy",
+    parser = argparse.ArgumentParser(prog="python -m pilamim_flows.deploy",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--pool", metavar="NAME",
                         help=f"deploy to this process work pool (e.g. {WORK_POOL}) instead of "

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows.retry import _chain
+from pilamim_flows.retry import _chain
+
 from pilamim.checkout_lock import held_lock_fds
 from pilamim.config import Params
 
@@ -20,7 +21,7 @@ class StageProcessError(RuntimeError):
     """A stage process ended without reporting a result (killed, out of memory, crashed)."""
 
 
-_CHILD_CODE = ("import sys; from flows.isolation import _stage_process; "
+_CHILD_CODE = ("import sys; from pilamim_flows.isolation import _stage_process; "
                "_stage_process(*sys.argv[1:])")
 
 

@@ -2,15 +2,17 @@
 
     fetch -> prepare -> pretrain -> (probe | finetune, concurrently on enough cores) -> register
 
-Stages are written once (``pilamim/stages/``); a task here only decides *whether* a stage runs
-and records the outcome:
+Stages are written once (``pilamim/stages/``) and described once, in the stage table
+(:mod:`pilamim.stages`): the order above is its :func:`~pilamim.stages.waves` (stages whose inputs
+are all made run; a wave of several may run side by side). A task here only decides *whether* a
+stage runs and records the outcome:
 
 * **Skip what is up to date.** Before a stage runs, the task asks DVC
-  (:func:`flows.dvc_state.stage_up_to_date`: the stage's deps, params and outs match
-  ``dvc.lock``). If so, the task returns the stage's existing metrics marked ``skipped``. After a
-  stage ran, :func:`flows.dvc_state.commit_stage` records it in ``dvc.lock``, so ``dvc repro``
-  then finds nothing to do either — the flow and ``dvc repro`` are two entrances to one cache.
-  ``force=True`` runs every stage. Outside a DVC repo every stage runs.
+  (:func:`pilamim_flows.dvc_state.stage_up_to_date`: the stage's deps, params and outs match
+  ``dvc.lock``). If so, the task returns the stage's existing metrics marked ``skipped``. After
+  a stage ran, :func:`pilamim_flows.dvc_state.commit_stage` records it in ``dvc.lock``, so
+  ``dvc repro`` then finds nothing to do either — the flow and ``dvc repro`` are two entrances to
+  one cache. ``force=True`` runs every stage. Outside a DVC repo every stage runs.
 * **Params live in files.** DVC reads ``params/*.yaml``, so the flow does too: with
   ``params=None`` they are loaded from ``params_dir``; a ``Params`` given to the flow (from the
   Prefect UI, a deployment or ``pilamim run --set``) that differs from the files is written
@@ -25,19 +27,20 @@ and records the outcome:
   weaker copy of DVC's check: keyed on params and ``dvc.lock`` it would return a stale result
   after someone deleted or edited a stage's outputs; keyed on output content it would
   re-implement DVC's hashing. DVC stays the single judge of "done".
-* **Retries only for transient failures** (:mod:`flows.retry`): unreachable tracking server,
+* **Retries only for transient failures** (:mod:`pilamim_flows.retry`): unreachable tracking server,
   connection errors and timeouts, S3 endpoint errors, SQLite "database is locked", DVC's lock.
   Bad params, missing inputs and other bugs fail at once.
-* **probe and finetune run concurrently** when the machine has the cores to give each a useful
-  thread pool (:func:`flows.isolation.stage_slots`: 4 threads each), else one after the other
-  with every core each (on 2 cores that is faster, and the fine-tune does not straggle on one
-  thread after the short probe has finished). Each runs in its own Python process
-  (:mod:`flows.isolation`). In one process the two trainings would share torch's, numpy's and
-  Python's global RNGs (dropout, drop path, Mixup, RandAugment draw from them), so their results
-  would depend on thread timing and differ from a sequential ``dvc repro``. DVC bookkeeping stays
-  in this process, where :mod:`flows.dvc_state` serialises it, so the two never meet DVC's lock.
-* **MLflow.** The flow runs inside :func:`pilamim.tracking.pipeline_run` (the parent run); every
-  stage run is its child (env ``PILAMIM_PARENT_RUN_ID``, inherited by the stage processes) and
+* **A wave of several stages (probe and finetune) runs concurrently** when the machine has the
+  cores to give each a useful thread pool (:func:`pilamim_flows.isolation.stage_slots`: 4 threads
+  each), else one after the other with every core each (on 2 cores that is faster, and the
+  fine-tune does not straggle on one thread after the short probe has finished). Each runs in its
+  own Python process (:mod:`pilamim_flows.isolation`). In one process the two trainings would
+  share torch's, numpy's and Python's global RNGs (dropout, drop path, Mixup, RandAugment draw
+  from them), so their results would depend on thread timing and differ from a sequential
+  ``dvc repro``. DVC bookkeeping stays in this process, where :mod:`pilamim_flows.dvc_state`
+  serialises it, so the two never meet DVC's lock.
+* **MLflow.** The flow runs inside :func:`pilamim.tracking.runs.pipeline_run` (the parent run);
+  every stage run is its child (env ``PILAMIM_PARENT_RUN_ID``, inherited by the stage processes) and
   is tagged with the Prefect flow-run and task-run ids, which the flow passes down
   (:func:`_prefect_tags`): tracking itself does not import Prefect.
 * **One run per checkout** (:mod:`pilamim.checkout_lock`). The flow holds the working directory
@@ -45,7 +48,7 @@ and records the outcome:
   it and pass, while another ``pilamim run``, stage command or ``dvc repro`` there is refused.
 * **Summary.** A markdown artifact ``pilamim-pipeline-summary`` (Artifacts page of the Prefect
   UI): metrics table, promotion decision and reason, MLflow runs, which stages ran or were
-  skipped. The flow returns the same facts as a dict (:mod:`flows.summary`).
+  skipped. The flow returns the same facts as a dict (:mod:`pilamim_flows.summary`).
 """
 
 from __future__ import annotations
@@ -56,23 +59,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pilamim_flows import dvc_state
+from pilamim_flows.isolation import execute_isolated, stage_slots
+from pilamim_flows.retry import retry_transient
+from pilamim_flows.summary import ARTIFACT_KEY, publish, summarize
 from prefect import flow, get_run_logger, task
 from prefect.futures import wait
 from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import dvc_state
-from flows.isolation import execute_isolated, stage_slots
-from flows.retry import retry_transient
-from flows.summary import ARTIFACT_KEY, FINAL, _publish, summarize
 from pilamim.checkout_lock import hold_checkout
 from pilamim.config import Params, ParamsError
 from pilamim.params_files import dump_params, load_params
-from pilamim.stages import STAGE_GROUPS, STAGES
+from pilamim.stages import STAGES, stage, waves
 
 FLOW_NAME = "pilamim-pipeline"
-SEQUENTIAL = ("fetch", "prepare", "pretrain")
-CONCURRENT = ("probe", "finetune")     # both only read prepare's and pretrain's outputs
 RETRIES = 2
 RETRY_DELAYS_S = [10, 60]
 
@@ -82,24 +83,13 @@ __all__ = ["ARTIFACT_KEY", "FLOW_NAME", "STAGE_TASKS", "pilamim_pipeline", "run_
 # ----------------------------------------------------------------------------- stage execution
 
 
-def metrics_path(stage: str, params: Params) -> Path | None:
-    """Where a stage writes its metrics JSON (None for stages without one)."""
-    group = getattr(params, stage, None)
-    path = getattr(group, "metrics_path", None)
-    if path:
-        return Path(path)
-    if stage == "prepare":
-        return Path(params.data.out_dir) / "dataset.json"
-    return None
-
-
-def read_metrics(stage: str, params: Params) -> dict[str, Any]:
+def read_metrics(name: str, params: Params) -> dict[str, Any]:
     """The scalars of a stage's metrics JSON (``{}`` when it has none or it is missing)."""
-    path = metrics_path(stage, params)
-    if path is None or not path.exists():
+    path = stage(name).metrics_file(params)
+    if path is None or not Path(path).exists():
         return {}
     try:
-        return _scalars(json.loads(path.read_text()))
+        return _scalars(json.loads(Path(path).read_text()))
     except (OSError, ValueError):
         return {}
 
@@ -114,10 +104,10 @@ def _prefect_tags() -> dict[str, str]:
     Tracking never imports Prefect (:mod:`pilamim.tracking`), so the flow, which runs inside
     Prefect, hands these to the runs it opens: the pipeline run, the stage runs of this process.
     """
-    from pilamim import tracking
+    from pilamim.tracking import runs
 
-    ids = {tracking.TAG_PREFECT_FLOW_RUN: flow_run.get_id(),
-           tracking.TAG_PREFECT_TASK_RUN: task_run.get_id()}
+    ids = {runs.TAG_PREFECT_FLOW_RUN: flow_run.get_id(),
+           runs.TAG_PREFECT_TASK_RUN: task_run.get_id()}
     return {key: str(value) for key, value in ids.items() if value}
 
 
@@ -128,10 +118,10 @@ def _tag_prefect_ids(run_id: str | None) -> None:
     """
     if not run_id:
         return
-    from pilamim import tracking
+    from pilamim.tracking import server
 
     try:
-        client, _ = tracking.connect(check=False)
+        client, _ = server.connect(check=False)
         for key, value in _prefect_tags().items():
             client.set_tag(run_id, key, value)
     except Exception as err:  # noqa: BLE001 - lineage tags are best effort
@@ -144,12 +134,12 @@ def stage_cache_key(context: Any, inputs: dict[str, Any]) -> str:
     Content, not objects: the validated values of the params groups the stage reads (the same
     groups DVC lists as its ``params``), hashed as canonical JSON.
     """
-    stage, params = inputs["stage"], inputs["params"]
-    values = {g: getattr(params, g).model_dump(mode="json") for g in STAGE_GROUPS[stage]}
+    name, params = inputs["stage"], inputs["params"]
+    values = {g: getattr(params, g).model_dump(mode="json") for g in stage(name).groups}
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
     run = context.task_run.flow_run_id or context.task_run.id
     force = "-force" if inputs.get("force") else ""
-    return f"pilamim-{stage}-{digest}-{run}{force}"
+    return f"pilamim-{name}-{digest}-{run}{force}"
 
 
 @task(persist_result=True, cache_key_fn=stage_cache_key, retries=RETRIES,
@@ -208,11 +198,12 @@ def sync_params(params: Params | None, params_dir: str | Path) -> Params:
 # ----------------------------------------------------------------------------- the flow
 
 
-@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=len(CONCURRENT)),
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=max(map(len, waves()))),
       persist_result=True)
 def pilamim_pipeline(params: Params | None = None, params_dir: str = "params",
                      force: bool = False) -> dict[str, Any]:
-    """fetch -> prepare -> pretrain -> probe + finetune (concurrent on enough cores) -> register.
+    """Every stage in the stage table's order (:func:`pilamim.stages.waves`): fetch -> prepare
+    -> pretrain -> probe + finetune (concurrent on enough cores) -> register.
 
     Args:
         params: every params group; None reads ``params_dir``. Given params are written to
@@ -227,35 +218,42 @@ def pilamim_pipeline(params: Params | None = None, params_dir: str = "params",
 
 def _run_pipeline(params: Params | None, params_dir: str, force: bool) -> dict[str, Any]:
     """The flow's body, run while this process holds the checkout."""
-    from pilamim import tracking
+    from pilamim.tracking import runs
 
     params = sync_params(params, params_dir)
     logger = get_run_logger()
     outcomes: dict[str, dict[str, Any]] = {}
-    with tracking.pipeline_run(params, extra_tags=_prefect_tags()) as pipeline:
+    with runs.pipeline_run(params, extra_tags=_prefect_tags()) as pipeline:
         logger.info("MLflow pipeline run %s (experiment %s)", pipeline.run_id,
                     pipeline.experiment_id)
         try:
-            for stage in SEQUENTIAL:
-                outcomes[stage] = STAGE_TASKS[stage](stage, params, force)
-            at_once, threads = stage_slots(len(CONCURRENT))
-            for start in range(0, len(CONCURRENT), at_once):
-                futures = {s: STAGE_TASKS[s].submit(s, params, force, isolate=True,
-                                                    threads=threads)
-                           for s in CONCURRENT[start:start + at_once]}
-                wait(list(futures.values()))
-                for stage, future in futures.items():  # the first failure, after all end
-                    outcomes[stage] = future.result()
-            outcomes[FINAL] = STAGE_TASKS[FINAL](FINAL, params, force)
+            for wave in waves():
+                outcomes.update(_run_wave(wave, params, force))
         except Exception as err:
             summary = summarize(outcomes, pipeline, "failed", f"{type(err).__name__}: {err}")
             try:
-                _publish(summary, outcomes)
+                publish(summary, outcomes)
             except Exception as publish_err:  # noqa: BLE001 - the stage's error matters more
                 logger.warning("could not publish the run summary: %s", publish_err)
             raise
         summary = summarize(outcomes, pipeline)
         pipeline.set_tags({"pilamim.stages_ran": ",".join(summary["ran"]) or "none"})
-        _publish(summary, outcomes)
+        publish(summary, outcomes)
     return summary
+
+
+def _run_wave(wave: tuple[str, ...], params: Params, force: bool) -> dict[str, dict[str, Any]]:
+    """One stage in this process; several side by side, each in its own process, as many at
+    once as :func:`stage_slots` gives a useful thread pool (else in turn with all cores)."""
+    if len(wave) == 1:
+        return {wave[0]: STAGE_TASKS[wave[0]](wave[0], params, force)}
+    outcomes = {}
+    at_once, threads = stage_slots(len(wave))
+    for start in range(0, len(wave), at_once):
+        futures = {s: STAGE_TASKS[s].submit(s, params, force, isolate=True, threads=threads)
+                   for s in wave[start:start + at_once]}
+        wait(list(futures.values()))
+        for name, future in futures.items():  # the first failure, after all have ended
+            outcomes[name] = future.result()
+    return outcomes
 

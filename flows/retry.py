@@ -1,6 +1,7 @@
 """Which stage failures are worth a retry: network, server and lock errors, not bugs.
 
-:func:`retry_transient` is the Prefect ``retry_condition_fn`` of :func:`flows.pipeline.run_stage`.
+:func:`retry_transient` is the Prefect ``retry_condition_fn`` of
+:func:`pilamim_flows.pipeline.run_stage`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _TRANSIENT_MESSAGES = ("database is locked", "unable to acquire lock", "temporar
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
-    from pilamim.tracking import TrackingUnavailable
+    from pilamim.tracking.server import TrackingUnavailable
 
     types: list[type[BaseException]] = [TrackingUnavailable, ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):

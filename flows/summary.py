@@ -8,30 +8,23 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from pilamim.stages import STAGES
+from pilamim.stages import STAGES, TABLE, Metric
 
 ARTIFACT_KEY = "pilamim-pipeline-summary"
-FINAL = "register"
-
-# (stage, key in its metrics JSON, label) for the summary's metrics table.
-SUMMARY_METRICS = (
-    ("pretrain", "val_loss", "pretrain loss (val, fixed mask)"),
-    ("pretrain", "val_loss_pixel", "pretrain pixel loss (val)"),
-    ("pretrain", "val_loss_latent", "pretrain latent loss (val)"),
-    ("probe", "top1", "linear probe top-1"),
-    ("probe", "top5", "linear probe top-5"),
-    ("probe", "knn_top1", "kNN top-1"),
-    ("finetune", "top1", "fine-tune top-1"),
-    ("finetune", "top5", "fine-tune top-5"),
-)
+# The stage whose result is the promotion decision (the stage table says which writes the
+# Model Registry).
+REGISTERING = next(s.name for s in TABLE if s.writes_registry)
+# (stage, metric) of the summary's metrics table, as the stage table lists them.
+SUMMARY_METRICS: tuple[tuple[str, Metric], ...] = tuple(
+    (s.name, m) for s in TABLE for m in s.metrics if m.summary)
 
 
 def _link(run_id: str | None, experiment_id: str) -> str:
     if not run_id:
         return "–"
-    from pilamim import tracking
+    from pilamim.tracking import runs
 
-    url = tracking.run_url(SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
+    url = runs.run_url(SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
     return f"[`{run_id[:8]}`]({url})" if url else f"`{run_id}`"
 
 
@@ -44,9 +37,9 @@ def _fmt(value: Any) -> str:
 def summarize(outcomes: dict[str, dict[str, Any]], pipeline: Any,
               status: str = "completed", error: str | None = None) -> dict[str, Any]:
     """The flow's return value: stages ran/skipped, headline metrics, promotion, MLflow ids."""
-    metrics = {f"{stage}_{key}".replace("probe_knn", "knn"): outcomes[stage]["metrics"].get(key)
-               for stage, key, _ in SUMMARY_METRICS if stage in outcomes}
-    register = outcomes.get(FINAL, {}).get("metrics", {})
+    metrics = {m.name: outcomes[stage]["metrics"].get(m.key)
+               for stage, m in SUMMARY_METRICS if stage in outcomes}
+    register = outcomes.get(REGISTERING, {}).get("metrics", {})
     return {
         "status": status,
         "error": error,
@@ -70,13 +63,13 @@ def summarize(outcomes: dict[str, dict[str, Any]], pipeline: Any,
 
 def summary_markdown(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> str:
     """The markdown artifact: what ran, what it measured, what the gate decided, where to look."""
-    from pilamim import tracking
+    from pilamim.tracking import server
 
     exp = summary["experiment_id"]
     lines = [f"# PiLaMIM pipeline: {summary['status']}", ""]
     if summary["error"]:
         lines += [f"**Error:** {summary['error']}", ""]
-    uri = tracking.resolve_tracking_uri()
+    uri = server.resolve_tracking_uri()
     lines += [f"MLflow pipeline run: {_link(summary['pipeline_run_id'], exp)} "
               f"(experiment `{exp}`, tracking `{uri}`)."]
     if not uri.startswith(("http://", "https://")):
@@ -92,12 +85,12 @@ def summary_markdown(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]
         seconds = "–" if o["skipped"] else f"{o['seconds']:.1f}"
         lines.append(f"| {stage} | {status} | {_link(o['mlflow_run_id'], exp)} | {seconds} |")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    for stage, key, label in SUMMARY_METRICS:
-        value = outcomes.get(stage, {}).get("metrics", {}).get(key)
-        lines.append(f"| {label} | {_fmt(value)} |")
+    for stage, m in SUMMARY_METRICS:
+        value = outcomes.get(stage, {}).get("metrics", {}).get(m.key)
+        lines.append(f"| {m.label} | {_fmt(value)} |")
     lines += ["", "## Promotion", ""]
     if summary["decision"]:
-        register = outcomes[FINAL]
+        register = outcomes[REGISTERING]
         when = " (earlier run; register was up to date)" if register["skipped"] else ""
         lines.append(f"`{summary['model_name']}` version {summary['model_version']} -> "
                      f"**@{summary['decision']}**{when}: {summary['decision_reason']}")
@@ -106,6 +99,6 @@ def summary_markdown(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]
     return "\n".join(lines) + "\n"
 
 
-def _publish(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
+def publish(summary: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
     create_markdown_artifact(markdown=summary_markdown(summary, outcomes), key=ARTIFACT_KEY,
                              description="PiLaMIM pipeline: stages, metrics, promotion decision")

@@ -14,25 +14,15 @@ from collections.abc import Sequence
 from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError, hold_checkout
 from pilamim.config import GROUPS, ParamsError
 from pilamim.params_files import load_params
-from pilamim.stages import STAGE_GROUPS
-from pilamim.stages.runner import TRACKING_ONLY, TrackingRequiredError
-
-_DOC = {
-    "fetch": "Materialise the data source (embedded / folder / s3://) as images under raw_dir.",
-    "prepare": "Validate images, split train/val/test, write the manifest and dataset digest.",
-    "pretrain": "PiLaMIM pretraining (resumes from models/pretrain/checkpoint.pt if present).",
-    "probe": "Linear probe + kNN on the frozen pretrained encoder -> metrics/probe.json.",
-    "finetune": "Fine-tune the pretrained encoder end to end -> metrics/finetune.json.",
-    "register": "Log + register the encoder in MLflow; the promotion gate sets @champion or "
-                "@challenger -> metrics/register.json.",
-}
+from pilamim.stages import TABLE, Stage, waves
+from pilamim.stages.runner import TrackingRequiredError
 
 
-def _no_track_help(stage: str) -> str:
+def _no_track_help(stage: Stage) -> str:
     """Every stage command takes ``--no-track``, so scripts can pass it alike; a stage that
     writes to MLflow anyway (register) refuses it with a reason instead of argparse's bare
     "unrecognized arguments"."""
-    if stage in TRACKING_ONLY:
+    if stage.writes_registry:
         return "refused (exit code 2): this stage writes to the MLflow Model Registry"
     return "do not record an MLflow run (default: record one)"
 
@@ -61,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
-    for stage, groups in STAGE_GROUPS.items():
-        p = sub.add_parser(stage, help=_DOC[stage], description=_DOC[stage],
-                           epilog=_params_help(groups), formatter_class=raw)
+    for stage in TABLE:
+        p = sub.add_parser(stage.name, help=stage.doc, description=stage.doc,
+                           epilog=_params_help(stage.groups), formatter_class=raw)
         _params_args(p)
         p.add_argument("--no-track", action="store_true", help=_no_track_help(stage))
     p = sub.add_parser("run", help="the whole DAG as the Prefect flow `pilamim-pipeline`",
-                       description="fetch -> prepare -> pretrain -> probe + finetune -> register, "
-                       "skipping stages DVC reports up to date.", epilog=_params_help(GROUPS),
+                       description=" -> ".join(" + ".join(w) for w in waves()) +
+                       ", skipping stages DVC reports up to date.", epilog=_params_help(GROUPS),
                        formatter_class=raw)
     _params_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages even when up to date")
@@ -82,21 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> dict | None:
     if args.command == "promote":
-        from pilamim import registry
+        from pilamim.registry import store
 
-        mv = registry.promote(args.name, args.version)
+        mv = store.promote(args.name, args.version)
         print(f"{args.name} version {mv.version} is now @champion")
         return None
     if args.command == "models":
-        from pilamim import registry
+        from pilamim.registry import store
 
-        print(registry.format_models(registry.list_models(args.name)))
+        print(format_models(store.list_models(args.name)))
         return None
     params = load_params(args.params, args.overrides)
     if args.command == "run":
         with hold_checkout():  # before Prefect starts: a busy checkout is refused at once
-            from flows.pipeline import pilamim_pipeline
-            from flows.prefect_api import check_prefect_api
+            from pilamim_flows.pipeline import pilamim_pipeline
+            from pilamim_flows.prefect_api import check_prefect_api
 
             check_prefect_api()
 
@@ -104,6 +94,21 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
     from pilamim.stages.runner import execute
 
     return execute(args.command, params, track=not args.no_track)
+
+
+def format_models(rows: list[dict]) -> str:
+    """A plain-text table of :func:`pilamim.registry.store.list_models` rows."""
+    if not rows:
+        return "no registered model versions"
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    header = ["name", "version", "aliases", *keys, "decision"]
+    table = [header] + [
+        [r["name"], str(r["version"]), ",".join(r["aliases"]) or "-",
+         *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in keys),
+         r["decision"] or "-"] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -283,7 +283,8 @@ class RegisterParams(_Strict):
 
 
 # Params file name (without .yaml) -> model. A new stage also needs its module in
-# pilamim/stages/, its entry in STAGE_GROUPS and in dvc.yaml (tests check the last two agree).
+# pilamim/stages/, its entry in the stage table (pilamim/stages/__init__.py) and in dvc.yaml
+# (tests/dvc/test_dvc_yaml.py checks dvc.yaml against the table).
 GROUPS: dict[str, type[_Strict]] = {
     "data": DataParams,
     "model": ModelParams,

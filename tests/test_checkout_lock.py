@@ -105,7 +105,7 @@ def test_read_only_commands_need_no_lock(checkout, holder):
 def test_the_flow_itself_holds_the_checkout(checkout, holder, monkeypatch):
     """Deployments call the flow without the CLI: the flow takes the lock itself, before it
     rewrites params/ (its body: called without Prefect's engine, the refusal comes first)."""
-    from flows.pipeline import pilamim_pipeline
+    from pilamim_flows.pipeline import pilamim_pipeline
 
     monkeypatch.chdir(checkout)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
@@ -162,7 +162,8 @@ def test_nested_holds_in_one_process_pass_and_restore_the_environment(checkout, 
 def test_a_child_process_of_the_holder_is_the_same_run(checkout, monkeypatch):
     """The flow's isolated probe/finetune processes inherit the token and pass; a stranger's
     identical command is refused. ``prepare`` then stops at its own input check."""
-    from flows.isolation import execute_isolated
+    from pilamim_flows.isolation import execute_isolated
+
     from pilamim.stages.runner import MissingInputError
 
     monkeypatch.chdir(checkout)

@@ -1,11 +1,11 @@
 """MLflow pyfunc model: a batch of raw images in, one embedding per image out.
 
-Logged by :func:`pilamim.model_logging.log_encoder_model` as a "model from code": MLflow copies this
-file into the model and runs it at load time, so it must stay self-contained (numpy, torch,
-timm, safetensors and mlflow only; no ``pilamim`` imports). The weights travel as the model's
-artifacts ``encoder_weights`` (``encoder.safetensors``) and ``encoder_config``
-(``encoder.json``: ``model_name``, ``kwargs``, ``feature_dim``, ``mean``, ``std``,
-``img_size``, ``in_chans``) — no pickle involved.
+Logged by :func:`pilamim.registry.model_logging.log_encoder_model` as a "model from code":
+MLflow copies this file into the model and runs it at load time, so it must stay self-contained
+(numpy, torch, timm, safetensors and mlflow only; no ``pilamim`` imports). The weights travel as
+the model's artifacts ``encoder_weights`` (``encoder.safetensors``) and ``encoder_config``
+(``encoder.json``: ``model_name``, ``kwargs``, ``feature_dim``, ``mean``, ``std``, ``img_size``,
+``in_chans``) — no pickle involved.
 
 Input: ``uint8`` pixels shaped ``(N, H, W, C)`` (H = W = ``img_size``, C = ``in_chans``; the
 layout PIL/numpy give). The model scales to [0, 1], normalises with the training mean/std and

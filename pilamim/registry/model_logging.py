@@ -2,7 +2,7 @@
 
 * ``encoder`` — PyTorch flavour (pickle format, so any batch size loads): the one the registry
   versions. Input normalised ``float32`` ``(N, C, H, W)``, output ``(N, D)`` embeddings.
-* ``embedder`` — pyfunc "model from code" (:mod:`pilamim.embedding_model`) over raw ``uint8``
+* ``embedder`` — pyfunc "model from code" (:mod:`pilamim.registry.embedder`) over raw ``uint8``
   ``(N, H, W, C)`` images, so a consumer needs neither our normalisation nor our package.
 
 Both carry ``encoder.json`` in their MLmodel metadata and pin the packages they need to the
@@ -22,7 +22,7 @@ import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pilamim.embedding_model import load_timm_encoder
+from pilamim.registry.embedder import load_timm_encoder
 
 # Packages the logged models need at load time (pinned to what logged them).
 REQUIRED_PACKAGES = ("torch", "torchvision", "timm", "numpy", "safetensors", "cloudpickle")
@@ -84,7 +84,7 @@ def log_encoder_model(encoder_dir: str | Path, *, name: str = "encoder",
         outputs=out_schema)
     embed_info = mlflow.pyfunc.log_model(
         name=embedder_name,
-        python_model=str(Path(__file__).with_name("embedding_model.py")),
+        python_model=str(Path(__file__).with_name("embedder.py")),
         artifacts={"encoder_weights": str(folder / "encoder.safetensors"),
                    "encoder_config": str(folder / "encoder.json")},
         signature=embed_sig, input_example=np.zeros((2, size, size, chans), np.uint8),

@@ -1,7 +1,7 @@
 """The promotion gate: champion or challenger for a new model version.
 
 A pure function of the metrics, kept apart from MLflow so every branch is a plain unit test;
-:mod:`pilamim.registry` applies its decision as aliases and tags.
+:mod:`pilamim.registry.store` applies its decision as aliases and tags.
 """
 
 from __future__ import annotations

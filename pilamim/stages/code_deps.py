@@ -4,7 +4,7 @@ DVC reruns a stage only when a listed dep changes, so a module the stage runs bu
 does not list (the promotion gate, the lr schedule) can change without ``dvc status`` noticing,
 and the DAG is no longer reproducible. The list is worked out here by reading the sources with
 :mod:`ast` rather than importing them: no torch or MLflow import, and lazy imports inside
-functions count too (register imports :mod:`pilamim.registry` only when it runs).
+functions count too (the runner imports :mod:`pilamim.tracking` only when it tracks).
 ``tests/dvc/test_dvc_yaml.py`` checks ``dvc.yaml`` against it; ``python -m
 pilamim.stages.code_deps STAGE`` prints the lines to paste.
 
@@ -15,7 +15,7 @@ lazily), and ``pilamim.stages.STAGE``. Two things need a rule:
 - The runner loads the stage with ``importlib.import_module``, which no static reading can
   follow, so the stage module is a root of its own.
 - The CLI also serves commands that are not stages: ``pilamim run`` lazily imports
-  :mod:`flows` and ``promote`` / ``models`` lazily import :mod:`pilamim.registry`. Those
+  :mod:`pilamim_flows` and ``promote`` / ``models`` lazily import :mod:`pilamim.registry`. Those
   imports (:data:`CLI_NON_STAGE_IMPORTS`) are not followed from the CLI, so editing the
   Prefect flow does not rerun every stage; a module they name still counts when the stage
   itself reaches it (register imports the registry). Any other CLI import is followed, so a new
@@ -33,19 +33,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pilamim.stages import STAGES
+from pilamim.stages import stage as stage_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("pilamim", "flows")
+# Importable name -> its folder in the repository (pyproject.toml: flows/ installs as
+# pilamim_flows, a name that cannot collide with another distribution's top-level package).
+PACKAGE_DIRS = {"pilamim": "pilamim", "pilamim_flows": "flows"}
+PACKAGES = tuple(PACKAGE_DIRS)
 CLI = "pilamim.cli"
 # Imported by pilamim/cli.py (inside functions) only for `run`, `promote` and `models`.
-CLI_NON_STAGE_IMPORTS = frozenset({"flows.pipeline", "flows.prefect_api", "pilamim.registry"})
+CLI_NON_STAGE_IMPORTS = frozenset({"pilamim_flows", "pilamim.registry"})
 
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 
 
 def module_file(module: str, root: Path = PROJECT_ROOT) -> Path | None:
     """The file Python runs for ``module`` under ``root`` (a package's ``__init__.py``), if any."""
-    base = root.joinpath(*module.split("."))
+    top, *rest = module.split(".")
+    base = root.joinpath(PACKAGE_DIRS.get(top, top), *rest)
     for path in (base / "__init__.py", base.with_name(base.name + ".py")):
         if path.is_file():
             return path
@@ -144,9 +149,7 @@ def _non_stage(name: str) -> bool:
 
 def stage_code_deps(stage: str, root: Path = PROJECT_ROOT) -> list[str]:
     """The sorted POSIX paths of every project file ``pilamim <stage>`` runs (module docstring)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-    stage_module = f"pilamim.stages.{stage}"
+    stage_module = stage_spec(stage).module
     _require(stage_module, root)
     cli_path = _require(CLI, root)
     roots = {stage_module, *(n for n in imported_names(cli_path, CLI) if not _non_stage(n))}

@@ -14,14 +14,6 @@ from pilamim.config import Params
 from pilamim.data.sources import check_image_root, materialize
 
 
-def inputs(params: Params) -> dict[str, str]:
-    return {}
-
-
-def data_dir(params: Params) -> str | None:
-    return None
-
-
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     root = materialize(params.data)
     classes = check_image_root(root, params.data.source)

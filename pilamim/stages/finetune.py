@@ -21,15 +21,6 @@ from pilamim.stages.lineage import LINEAGE_KEY, check_encoder_fits_data, eval_li
 CURVE_COLUMNS = ("train_loss", "lr", "val_top1", "val_top5")
 
 
-def inputs(params: Params) -> dict[str, str]:
-    p = params.finetune
-    return {f"{p.data_dir}/manifest.csv": "prepare", f"{p.encoder_dir}/encoder.json": "pretrain"}
-
-
-def data_dir(params: Params) -> str | None:
-    return params.finetune.data_dir
-
-
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     p = params.finetune
     ensure_writable([p.out_dir, Path(p.metrics_path).parent, Path(p.plots_path).parent])

@@ -9,15 +9,6 @@ from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.prepare import prepare
 from pilamim.data.prepared import DATASET_FILE, MANIFEST_FILE
-from pilamim.data.sources import image_root
-
-
-def inputs(params: Params) -> dict[str, str]:
-    return {str(image_root(params.data)): "fetch"}
-
-
-def data_dir(params: Params) -> str | None:
-    return params.data.out_dir
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:

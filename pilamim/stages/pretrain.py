@@ -15,14 +15,6 @@ CURVE_COLUMNS = ("loss", "loss_pixel", "loss_latent", "loss_cls", "lr", "feature
 KNN_COLUMNS = ("knn_top1", "knn_top5")
 
 
-def inputs(params: Params) -> dict[str, str]:
-    return {f"{params.pretrain.data_dir}/manifest.csv": "prepare"}
-
-
-def data_dir(params: Params) -> str | None:
-    return params.pretrain.data_dir
-
-
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     p = params.pretrain
     out = Path(p.out_dir)

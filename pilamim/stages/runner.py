@@ -3,9 +3,10 @@
 This is the single entrance the CLI (hence DVC) and the Prefect flow share, so a stage
 behaves and is tracked the same way whoever starts it.
 
-Layers: the runner imports :mod:`pilamim.tracking` (MLflow) only inside :func:`_execute`, when a
-run is tracked, and tracking does not import the runner; neither imports Prefect. Whoever
-orchestrates (the Prefect flow) hands its own ids in as ``extra_tags``.
+What to check, log and refuse comes from the stage table (:mod:`pilamim.stages`), so nothing here
+names a particular stage. Layers: the runner imports :mod:`pilamim.tracking` (MLflow) only inside
+:func:`_execute`, when a run is tracked, and tracking does not import the runner; neither imports
+Prefect. Whoever orchestrates (the Prefect flow) hands its own ids in as ``extra_tags``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,7 @@ from typing import Any
 
 from pilamim.checkout_lock import hold_checkout
 from pilamim.config import Params
-from pilamim.stages import STAGE_GROUPS, STAGES
-
-# Stages whose work is itself a write to MLflow (register creates Model Registry versions):
-# "untracked" cannot be honoured for them, so it is refused instead of silently ignored.
-TRACKING_ONLY = frozenset({"register"})
+from pilamim.stages import stage as stage_spec
 
 
 class MissingInputError(FileNotFoundError):
@@ -31,29 +28,27 @@ class MissingInputError(FileNotFoundError):
 
 
 class TrackingRequiredError(ValueError):
-    """An untracked run was asked of a stage that writes to MLflow (:data:`TRACKING_ONLY`)."""
+    """An untracked run was asked of a stage that writes to MLflow (``writes_registry``)."""
 
 
 def check_untracked_allowed(stage: str) -> None:
-    """Refuse an untracked run of a :data:`TRACKING_ONLY` stage, before anything is written.
+    """Refuse an untracked run of a ``writes_registry`` stage, before anything is written.
 
     ``--no-track`` promises no MLflow writes at all, and register's output *is* a Model
     Registry version: running it anyway would break that promise, and skipping the write would
     report success for a registration that never happened.
     """
-    if stage in TRACKING_ONLY:
+    if stage_spec(stage).writes_registry:
         raise TrackingRequiredError(f"{stage} writes to the MLflow Model Registry; it cannot "
                                     f"run with --no-track")
 
 
 def stage_module(stage: str) -> ModuleType:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-    return importlib.import_module(f"pilamim.stages.{stage}")
+    return importlib.import_module(stage_spec(stage).module)
 
 
 def check_inputs(stage: str, params: Params) -> None:
-    for path, maker in stage_module(stage).inputs(params).items():
+    for path, maker in stage_spec(stage).input_paths(params).items():
         if not Path(path).exists():
             raise MissingInputError(f"`pilamim {stage}` needs {path}, which does not exist: "
                                     f"run `pilamim {maker}` first")
@@ -71,7 +66,7 @@ def execute(stage: str, params: Params, *, track: bool = True,
 
     Under torchrun only rank 0 records: one stage run per job, not one per process.
     ``extra_tags`` go on the stage run (the Prefect flow's run ids: tracking does not ask
-    Prefect). ``track=False`` for a :data:`TRACKING_ONLY` stage raises
+    Prefect). ``track=False`` for a ``writes_registry`` stage raises
     :class:`TrackingRequiredError` before the checkout is taken.
     Every entrance comes through here, so here the stage holds the checkout
     (:mod:`pilamim.checkout_lock`): a second run in the same working directory is refused
@@ -85,24 +80,24 @@ def execute(stage: str, params: Params, *, track: bool = True,
 
 def _execute(stage: str, params: Params, *, track: bool,
              extra_tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    module = stage_module(stage)
+    spec, module = stage_spec(stage), stage_module(stage)
     check_inputs(stage, params)
     if not track or int(os.environ.get("RANK", "0")) != 0:
         return module.run(params, None)
 
-    from pilamim import data_lineage, tracking  # MLflow is a heavy import: only when tracking
+    from pilamim.tracking import datasets, runs  # MLflow is a heavy import: only when tracking
 
-    data_dir = module.data_dir(params)
-    # prepare makes the data set: the digest on disk before it runs is the old one
-    digest = data_lineage.read_data_digest(data_dir) if data_dir and stage != "prepare" else None
-    with tracking.stage_run(stage, params, groups=STAGE_GROUPS[stage],
-                            dataset_digest=digest, extra_tags=extra_tags) as run:
+    data_dir = spec.data_dir(params)
+    # a stage that makes the data set finds the old one on disk before it runs
+    digest = datasets.read_data_digest(data_dir) if data_dir and not spec.makes_data else None
+    with runs.stage_run(stage, params, groups=spec.groups, dataset_digest=digest,
+                        extra_tags=extra_tags) as run:
         if digest:
-            data_lineage.log_dataset_input(data_dir)
+            datasets.log_dataset_input(data_dir)
         result = module.run(params, run.logger)
-        if stage == "prepare":  # its output is the data set: record it as this run's input
-            run.set_tags({tracking.TAG_DATA_DIGEST: result["digest"]})
-            data_lineage.log_dataset_input(data_dir, context="prepare")
+        if spec.makes_data:  # its output is the data set: record it as this run's input
+            run.set_tags({runs.TAG_DATA_DIGEST: result["digest"]})
+            datasets.log_dataset_input(data_dir, context=stage)
         run.log_metrics(scalars(result, stage))
     result["mlflow_run_id"] = run.run_id
     return result

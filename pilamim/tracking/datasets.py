@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 
-from pilamim.tracking import TAG_DATA_DIGEST
+from pilamim.tracking.runs import TAG_DATA_DIGEST
 
 
 def read_data_digest(prepared_dir: str | Path) -> str | None:

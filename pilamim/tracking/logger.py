@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pilamim.tracking_server import _short
+from pilamim.tracking.server import _short
 
 log = logging.getLogger(__name__)
 

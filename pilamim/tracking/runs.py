@@ -1,10 +1,9 @@
 """MLflow runs of the stages and the pipeline: what every run records and how it links up.
 
-MLflow is imported only by this module, :mod:`pilamim.tracking_server` (where runs go, fast
-failure), :mod:`pilamim.mlflow_logger` and :mod:`pilamim.registry`; the library reports through
-the :class:`pilamim.callbacks.Logger` protocol and a stage plugs :class:`MLflowLogger` into it.
-The names of those two helper modules are re-exported here, so ``pilamim.tracking`` stays the
-one import for callers.
+MLflow is imported only under :mod:`pilamim.tracking` (this module; :mod:`.server`: where runs
+go, fast failure; :mod:`.logger`; :mod:`.datasets`; :mod:`.owners`) and :mod:`pilamim.registry`;
+the library reports through the :class:`pilamim.callbacks.Logger` protocol and a stage plugs
+:class:`pilamim.tracking.logger.MLflowLogger` into it.
 
 What every stage run records (:func:`stage_run`): the stage name as the run name, the validated
 params of the groups the stage reads (keys ``<group>.<key>``, so the UI filter is
@@ -43,39 +42,15 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pilamim.config import GROUPS, Params
-from pilamim.mlflow_logger import MLflowLogger
-from pilamim.run_owner import TAG_OWNER, close_orphaned_runs, owner_tag
-from pilamim.stages import STAGE_GROUPS as _STAGE_GROUPS
-from pilamim.tracking_server import (
-    DEFAULT_ARTIFACT_DIR,
-    DEFAULT_DB_NAME,
-    DEFAULT_EXPERIMENT,
-    ENV_EXPERIMENT,
-    HTTP_LIMITS,
+from pilamim.tracking.logger import MLflowLogger
+from pilamim.tracking.owners import TAG_OWNER, close_orphaned_runs, owner_tag
+from pilamim.tracking.server import (
     TrackingUnavailable,
     _short,
-    artifact_location,
-    check_tracking_reachable,
     connect,
-    default_tracking_uri,
     http_limits,
     resolve_tracking_uri,
-    sqlite_path,
 )
-
-__all__ = [
-    # re-exported from pilamim.tracking_server and pilamim.mlflow_logger
-    "DEFAULT_ARTIFACT_DIR", "DEFAULT_DB_NAME", "DEFAULT_EXPERIMENT", "ENV_EXPERIMENT",
-    "HTTP_LIMITS", "MLflowLogger", "TrackingUnavailable", "artifact_location",
-    "check_tracking_reachable", "connect", "default_tracking_uri", "http_limits",
-    "resolve_tracking_uri", "sqlite_path",
-    # defined here
-    "ENV_PARENT_RUN_ID", "ENV_PIPELINE_ID", "STAGE_GROUPS",
-    "TAG_DATA_DIGEST", "TAG_GIT_COMMIT", "TAG_GIT_DIRTY", "TAG_PARAMS_HASH", "TAG_PIPELINE_ID",
-    "TAG_PREFECT_FLOW_RUN", "TAG_PREFECT_TASK_RUN", "TAG_STAGE", "StageRun", "flatten_params",
-    "git_info", "params_dict", "params_hash", "pipeline_run",
-    "prefect_ids", "run_url", "stage_run",
-]
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +67,6 @@ TAG_GIT_DIRTY = "pilamim.git_dirty"
 TAG_DATA_DIGEST = "pilamim.data_digest"
 TAG_PREFECT_FLOW_RUN = "pilamim.prefect_flow_run_id"
 TAG_PREFECT_TASK_RUN = "pilamim.prefect_task_run_id"
-
-# Which params groups each stage reads; a stage run logs exactly these.
-STAGE_GROUPS: dict[str, tuple[str, ...]] = {**_STAGE_GROUPS, "pipeline": tuple(GROUPS)}
-
 
 # ----------------------------------------------------------------------------- lineage facts
 
@@ -196,15 +167,15 @@ def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None =
               log_system_metrics: bool = True) -> Iterator[StageRun]:
     """Open the MLflow run of one stage; yields a :class:`StageRun`.
 
-    ``groups`` defaults to :data:`STAGE_GROUPS` for the stage. ``parent_run_id`` defaults to
-    env ``PILAMIM_PARENT_RUN_ID`` and ``pipeline_tag`` to env ``PILAMIM_PIPELINE_ID``; when
-    neither is set (stages run one by one, e.g. by ``dvc repro``) it is a lineage id from the git
-    commit and the hash of all params, so the stages of one configuration share it. An
-    inherited ``MLFLOW_RUN_ID`` is ignored (MLflow would silently
+    ``groups`` are the params groups to log (the stage table's; every group when None).
+    ``parent_run_id`` defaults to env ``PILAMIM_PARENT_RUN_ID`` and ``pipeline_tag`` to env
+    ``PILAMIM_PIPELINE_ID``; when neither is set (stages run one by one, e.g. by ``dvc
+    repro``) it is a lineage id from the git commit and the hash of all params, so the stages of
+    one configuration share it. An inherited ``MLFLOW_RUN_ID`` is ignored (MLflow would silently
     resume that run instead of creating ours). The run ends FINISHED, or FAILED when the body
     raises; buffered metrics are flushed either way.
     """
-    used = tuple(groups) if groups is not None else STAGE_GROUPS.get(stage_name, tuple(GROUPS))
+    used = tuple(groups) if groups is not None else tuple(GROUPS)
     parent_run_id = parent_run_id or os.environ.get(ENV_PARENT_RUN_ID) or None
     commit, dirty = git_info()
     pipeline_id = (pipeline_tag or os.environ.get(ENV_PIPELINE_ID)
@@ -268,6 +239,15 @@ def _end_run(status: str, run_id: str) -> None:
             f"({type(err).__name__}: {_short(err)}); the stage's output files are saved. "
             f"Check the tracking server / MLFLOW_TRACKING_URI and rerun the stage to record it."
         ) from err
+
+
+def active_run_ids() -> tuple[str, str] | None:
+    """``(run id, pipeline id)`` of the MLflow run open in this process, if any: a step called
+    inside a stage run (the runner opened it) logs there instead of opening its own."""
+    active = mlflow.active_run()
+    if active is None:
+        return None
+    return active.info.run_id, active.data.tags.get(TAG_PIPELINE_ID, "")
 
 
 @contextlib.contextmanager

@@ -130,7 +130,7 @@ def s3_images(tmp_path_factory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def dvc_repo(tmp_path_factory, s3_images) -> DvcRepo:
     """The repo after one ``dvc repro`` (the first test asserts what that run did)."""
-    from flows import dvc_state
+    from pilamim_flows import dvc_state
 
     repo = make_repo(tmp_path_factory.mktemp("dvc") / "repo", s3_images)
     repo.before_repro = {s: dvc_state.stage_up_to_date(s, repo.root)

@@ -1,4 +1,4 @@
-"""``flows.dvc_state``: the Prefect flow's view of DVC, against the real DVC in the shared repo.
+"""``pilamim_flows.dvc_state``: the flow's view of DVC, against the real DVC in the shared repo.
 
 The contract: a stage run in-process and recorded with ``commit_stage`` leaves exactly the
 ``dvc.lock`` entry ``dvc repro`` writes, so ``dvc repro`` then has nothing to do; and calls from
@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
+from pilamim_flows.dvc_state import commit_stage, is_dvc_repo, stage_up_to_date
 
-from flows.dvc_state import commit_stage, is_dvc_repo, stage_up_to_date
 from pilamim.params_files import load_params
 from pilamim.stages.runner import execute
 from tests.dvc.conftest import DvcRepo

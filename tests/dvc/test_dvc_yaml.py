@@ -1,8 +1,9 @@
-"""``dvc.yaml`` agrees with the code: stage names, params files, the default output paths and
-the code each stage runs.
+"""``dvc.yaml`` agrees with the stage table (:mod:`pilamim.stages`): stage names and order,
+params files and keys, inputs, outputs, metrics, plots and the code each stage runs.
 
 dvc.yaml cannot read paths from params/ (the files share key names) nor see which modules a
-stage imports, so these checks are what keeps the two in step.
+stage imports, so these checks are what keeps the file and the table in step; the table's paths
+are evaluated with the shipped params/ (the code defaults equal them: tests/test_config.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pilamim.config import GROUPS, DataParams, Params
+from pilamim.config import GROUPS, Params
 from pilamim.data.embedded import SUBSET_PATH
-from pilamim.stages import STAGE_GROUPS, STAGES
+from pilamim.stages import STAGES, TABLE, Stage
 from pilamim.stages.code_deps import (
     CLI,
     CLI_NON_STAGE_IMPORTS,
-    PACKAGES,
+    PACKAGE_DIRS,
     import_closure,
     imported_names,
     module_file,
@@ -42,44 +43,47 @@ def _options(entries: list) -> dict[str, dict]:
             if isinstance(e, dict)}
 
 
-def test_stages_are_the_cli_commands_in_order():
+def test_stages_are_the_table_in_order_and_the_cli_commands():
     stages = DVC_YAML["stages"]
     assert tuple(stages) == STAGES
     for name, stage in stages.items():
         assert stage["cmd"] == f"pilamim {name}"
 
 
-def test_each_stage_depends_on_its_params_files():
-    for name, stage in DVC_YAML["stages"].items():
-        params = {next(iter(e)): next(iter(e.values())) for e in stage["params"]}
-        assert set(params) == {f"params/{g}.yaml" for g in STAGE_GROUPS[name]}, name
-        if name == "fetch":  # only the keys that decide the raw images
-            assert set(params["params/data.yaml"]) <= set(DataParams.model_fields)
-            assert "val_fraction" not in params["params/data.yaml"]
-        elif name == "prepare":  # all of data; of the model only the input size (statistics)
-            assert params == {"params/data.yaml": None, "params/model.yaml": ["img_size"]}
-        else:  # whole files: every key of the group
-            assert all(keys is None for keys in params.values()), name
-    assert set(GROUPS) == {g for groups in STAGE_GROUPS.values() for g in groups}
+@pytest.mark.parametrize("spec", TABLE, ids=STAGES)
+def test_each_stage_depends_on_the_params_the_table_names(spec: Stage):
+    entries = DVC_YAML["stages"][spec.name]["params"]
+    params = {next(iter(e)): next(iter(e.values())) for e in entries}
+    expected = {f"params/{group}.yaml": list(keys) if keys else None
+                for group, keys in spec.params.items()}
+    assert params == expected
 
 
-def test_outputs_are_the_default_params_paths():
-    p, stages = Params(), DVC_YAML["stages"]
-    outs = {name: _paths(stage.get("outs")) for name, stage in stages.items()}
-    assert outs == {"fetch": [p.data.raw_dir], "prepare": [p.data.out_dir],
-                    "pretrain": [p.pretrain.out_dir], "probe": [p.probe.out_dir],
-                    "finetune": [p.finetune.out_dir], "register": []}
-    for group in ("pretrain", "probe", "finetune", "register"):
-        assert _paths(stages[group]["metrics"]) == [getattr(p, group).metrics_path]
-    assert _paths(stages["pretrain"]["plots"]) == [p.pretrain.plots_path,
-                                                   p.pretrain.knn_plots_path]
-    for group in ("probe", "finetune"):
-        assert _paths(stages[group]["plots"]) == [getattr(p, group).plots_path]
-    for group in ("probe", "finetune"):
-        assert getattr(p, group).data_dir == p.data.out_dir
-        assert getattr(p, group).encoder_dir == p.pretrain.out_dir
-    assert {p.register.probe_metrics, p.register.finetune_metrics} <= set(
-        stages["register"]["deps"])
+def test_every_params_group_is_read_by_a_stage():
+    assert set(GROUPS) == {g for spec in TABLE for g in spec.groups}
+
+
+@pytest.mark.parametrize("spec", TABLE, ids=STAGES)
+def test_deps_outs_metrics_and_plots_are_the_tables(spec: Stage):
+    p, stage = Params(), DVC_YAML["stages"][spec.name]
+    data_deps = [d for d in _paths(stage["deps"]) if not _is_code(d)]
+    assert data_deps == [*spec.package_files, *spec.input_paths(p)]
+    assert _paths(stage.get("outs")) == list(spec.outputs(p))
+    metrics = [spec.metrics_file(p)] if spec.metrics_in_dvc and spec.metrics_file(p) else []
+    assert _paths(stage.get("metrics")) == metrics
+    assert _paths(stage.get("plots")) == list(spec.plots(p))
+    persist = [_options(stage.get("outs")).get(o, {}).get("persist", False)
+               for o in spec.outputs(p)]
+    assert all(flag == spec.persist_outputs for flag in persist)
+
+
+def test_the_gate_metrics_are_the_tables():
+    """``register.gate_metric`` accepts exactly the metrics the table marks as gate metrics."""
+    from typing import get_args
+
+    from pilamim.config import GateMetric
+
+    assert set(get_args(GateMetric)) == {m.name for s in TABLE for m in s.metrics if m.gate}
 
 
 def test_metrics_and_plots_live_in_git_and_pretrain_persists():
@@ -112,7 +116,8 @@ def test_dvc_builds_the_graph(tmp_path):
 def _is_code(dep: str) -> bool:
     """A dep in a project package that is a ``.py`` file or a folder (a data file, such as the
     bundled Fashion-MNIST subset, is not code)."""
-    return dep.split("/")[0] in PACKAGES and (dep.endswith(".py") or (REPO_ROOT / dep).is_dir())
+    top = dep.split("/")[0]
+    return top in PACKAGE_DIRS.values() and (dep.endswith(".py") or (REPO_ROOT / dep).is_dir())
 
 
 def _files(dep: str) -> list[str]:
@@ -146,8 +151,8 @@ def test_code_deps_are_exactly_the_code_the_stage_runs(stage):
 
 def test_the_stages_code_includes_what_dvc_yaml_used_to_miss():
     deps = {stage: set(stage_code_deps(stage)) for stage in STAGES}
-    assert {"pilamim/promotion.py", "pilamim/model_logging.py", "pilamim/data_lineage.py",
-            "pilamim/tracking.py"} <= deps["register"]
+    assert {"pilamim/registry/promotion.py", "pilamim/registry/model_logging.py",
+            "pilamim/tracking/datasets.py", "pilamim/tracking/runs.py"} <= deps["register"]
     assert {"pilamim/schedules.py", "pilamim/data/pretrain_input.py",
             "pilamim/data/device_decode.py", "pilamim/data/prepared.py"} <= deps["pretrain"]
     for stage in STAGES:
@@ -168,8 +173,12 @@ def test_cli_imports_left_out_of_stages_are_lazy():
     command never runs them) and still exist (a stale name would mislead)."""
     path = module_file(CLI)
     assert path is not None
-    assert CLI_NON_STAGE_IMPORTS <= imported_names(path, CLI)
-    assert not CLI_NON_STAGE_IMPORTS & imported_names(path, CLI, lazy=False)
+    def under(prefix: str, names: set[str]) -> bool:
+        return any(n == prefix or n.startswith(prefix + ".") for n in names)
+
+    for prefix in CLI_NON_STAGE_IMPORTS:
+        assert under(prefix, imported_names(path, CLI)), prefix
+        assert not under(prefix, imported_names(path, CLI, lazy=False)), prefix
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pilamim_flows import deploy
+from pilamim_flows.pipeline import FLOW_NAME
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.flows import load_flow_from_entrypoint
-
-from flows import deploy
-from flows.pipeline import FLOW_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 from mlflow import MlflowClient
+from pilamim_flows.distributed import pretrain_distributed, torchrun_command
 
-from flows.distributed import pretrain_distributed, torchrun_command
 from pilamim.params_files import dump_params
 from tests.conftest import micro_run_params
 from tests.flows.support import clear_mlflow, tracked_env

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from pilamim_flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -15,7 +16,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
-from flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
 from pilamim.config import ParamsError
 from pilamim.params_files import dump_params
 from tests.flows.support import EXPERIMENT, clear_mlflow, tiny_params, tracked_env

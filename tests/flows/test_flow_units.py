@@ -9,11 +9,8 @@ import pytest
 from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 from dvc.lock import LockError
 from mlflow.exceptions import MlflowException
-from prefect.exceptions import ParameterTypeError
-from prefect.states import Completed, Failed
-
-from flows.isolation import execute_isolated
-from flows.pipeline import (
+from pilamim_flows.isolation import execute_isolated
+from pilamim_flows.pipeline import (
     FLOW_NAME,
     STAGE_TASKS,
     pilamim_pipeline,
@@ -21,13 +18,16 @@ from flows.pipeline import (
     stage_cache_key,
     sync_params,
 )
-from flows.retry import is_transient, retry_transient
+from pilamim_flows.retry import is_transient, retry_transient
+from prefect.exceptions import ParameterTypeError
+from prefect.states import Completed, Failed
+
 from pilamim.config import Params, ParamsError
 from pilamim.data.errors import DataError
 from pilamim.params_files import dump_params, load_params
 from pilamim.stages import STAGES
 from pilamim.stages.runner import MissingInputError
-from pilamim.tracking import TrackingUnavailable
+from pilamim.tracking.server import TrackingUnavailable
 
 
 def _caused(err: BaseException, cause: BaseException) -> BaseException:

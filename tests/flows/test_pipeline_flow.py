@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from pilamim_flows.isolation import stage_slots
+from pilamim_flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -21,8 +23,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
-from flows.isolation import stage_slots
-from flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
 from pilamim.params_files import load_params
 from pilamim.stages import STAGES
 from pilamim.stages.lineage import eval_protocol

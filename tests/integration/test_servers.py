@@ -143,7 +143,7 @@ def test_registered_model_alias_round_trip(tracking_env, tmp_path):
 def test_unreachable_tracking_server_fails_fast_with_a_clear_message():
     """A tracking URI where no server answers (a stopped server) fails within seconds and
     the message names the URI and what to check."""
-    from pilamim.tracking import TrackingUnavailable, check_tracking_reachable
+    from pilamim.tracking.server import TrackingUnavailable, check_tracking_reachable
 
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()

@@ -1,8 +1,11 @@
 """Layers of the ``pilamim`` package, read from the sources with :mod:`ast` (nothing imported).
 
-* Orchestration stays out of the library: no module under ``pilamim/`` imports Prefect, and the
-  only way into :mod:`flows` (which does) is the CLI's lazy import for ``pilamim run``. Tracking
-  gets Prefect's run ids from the flow (``extra_tags``), not by asking Prefect.
+* Imports point down the layers (:data:`LAYERS`): the method library (model, data, train,
+  evaluate and the small helpers beside them) imports neither MLflow's layer (tracking,
+  registry) nor the pipeline (stages, CLI); tracking and registry do not import the pipeline.
+* Orchestration stays out of the package: no module under ``pilamim/`` imports Prefect, and the
+  only way into :mod:`pilamim_flows` (which does) is the CLI's lazy import for ``pilamim run``.
+  Tracking gets Prefect's run ids from the flow (``extra_tags``), not by asking Prefect.
 * No import cycle among ``pilamim`` modules. An edge A -> B is an import statement in A naming B
   (``from x import y`` names ``x.y`` when that is a module file, else ``x``), at module level
   or inside a function: lazy imports here defer heavy libraries (MLflow, torch), they are not
@@ -24,6 +27,14 @@ from pilamim.stages.code_deps import PROJECT_ROOT, imported_names, module_file
 
 PACKAGE = "pilamim"
 CLI = "pilamim.cli"
+# Bottom to top; a module may import its own layer and those below. Modules not listed (the
+# helpers directly under pilamim/: config, io, device, callbacks, schedules, recipes) are library.
+LAYERS = (
+    ("library", ()),
+    ("mlflow", ("pilamim.tracking", "pilamim.registry")),
+    ("pipeline", ("pilamim.stages", "pilamim.cli", "pilamim.checkout_lock",
+                  "pilamim.params_files")),
+)
 
 
 def package_modules(root: Path = PROJECT_ROOT, package: str = PACKAGE) -> dict[str, Path]:
@@ -123,12 +134,34 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # ----------------------------------------------------------------------------- the package
 
 
+def layer(module: str) -> int:
+    """Index in :data:`LAYERS` of the layer ``module`` belongs to."""
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    return 0
+
+
 def test_the_files_are_read():
     modules = package_modules()
-    assert {"pilamim.tracking", "pilamim.stages.runner", CLI, "pilamim.stages"} <= set(modules)
+    assert {"pilamim.tracking.runs", "pilamim.stages.runner", CLI, "pilamim.stages"} <= set(
+        modules)
     graph = import_graph(modules)
-    assert "pilamim.config" in graph["pilamim.tracking"]           # a module-level import
-    assert "pilamim.tracking" in graph["pilamim.stages.runner"]    # a lazy one
+    assert "pilamim.config" in graph["pilamim.tracking.runs"]            # module-level import
+    assert "pilamim.tracking.runs" in graph["pilamim.stages.runner"]     # a lazy one
+
+
+def test_imports_point_down_the_layers():
+    upward = {(module, target) for module, targets in import_graph(package_modules()).items()
+              for target in targets if layer(target) > layer(module)}
+    assert not upward, "imports of a higher layer: " + ", ".join(
+        f"{m} ({LAYERS[layer(m)][0]}) -> {t} ({LAYERS[layer(t)][0]})" for m, t in sorted(upward))
+
+
+def test_mlflow_is_imported_only_by_its_layer():
+    mlflow_users = set(imports_of(package_modules(), "mlflow"))
+    assert mlflow_users and all(LAYERS[layer(m)][0] == "mlflow" for m in mlflow_users), (
+        sorted(m for m in mlflow_users if LAYERS[layer(m)][0] != "mlflow"))
 
 
 def test_no_pilamim_module_imports_prefect():
@@ -137,8 +170,8 @@ def test_no_pilamim_module_imports_prefect():
 
 def test_only_the_cli_reaches_the_flows_and_only_lazily():
     modules = package_modules()
-    assert set(imports_of(modules, "flows")) <= {CLI}
-    assert imports_of({CLI: modules[CLI]}, "flows", lazy=False) == {}
+    assert set(imports_of(modules, "pilamim_flows")) == {CLI}
+    assert imports_of({CLI: modules[CLI]}, "pilamim_flows", lazy=False) == {}
 
 
 def test_the_runner_imports_tracking_only_when_it_tracks():

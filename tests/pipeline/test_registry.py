@@ -16,10 +16,13 @@ import timm
 import torch
 from mlflow.tracking import MlflowClient
 
-from pilamim import registry
+from pilamim import cli
 from pilamim.config import Params
-from pilamim.embedding_model import images_to_tensor, load_timm_encoder
-from pilamim.promotion import CHALLENGER, CHAMPION, decide_promotion
+from pilamim.registry import store
+from pilamim.registry.embedder import images_to_tensor, load_timm_encoder
+from pilamim.registry.promotion import CHALLENGER, CHAMPION, decide_promotion
+from pilamim.stages import register as register_step
+from pilamim.stages.lineage import LineageError, encoder_sha256
 
 from .conftest import (
     FEATURE_DIM,
@@ -68,12 +71,12 @@ def test_missing_gate_metric_file_names_the_stage_and_touches_nothing(tmp_path, 
                                                                        encoder_dir):
     (tmp_path / "mlflow.db").unlink()            # prove no store is even opened
     with pytest.raises(FileNotFoundError, match=r"run `pilamim probe` first"):
-        registry.register(params)
+        register_step.register(params)
     finetune_gate = params.model_copy(deep=True)
     finetune_gate.register.gate_metric = "finetune_top1"
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5, top5=0.9)
     with pytest.raises(FileNotFoundError, match=r"run `pilamim finetune` first"):
-        registry.register(finetune_gate)
+        register_step.register(finetune_gate)
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "metrics" / "register.json").exists()
 
@@ -81,10 +84,10 @@ def test_missing_gate_metric_file_names_the_stage_and_touches_nothing(tmp_path, 
 def test_missing_encoder_and_percent_metrics_are_explained(tmp_path, params):
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
     with pytest.raises(FileNotFoundError, match=r"run `pilamim pretrain` first"):
-        registry.register(params)
+        register_step.register(params)
     write_metrics(tmp_path / "metrics" / "probe.json", top1=85.0)
     with pytest.raises(ValueError, match="not a fraction"):
-        registry.read_eval_metrics(params.register)
+        register_step.read_eval_metrics(params.register)
 
 
 # ----------------------------------------------------------------------------- the whole step
@@ -96,7 +99,7 @@ def _run_register(tmp_path: Path, params: Params, top1: float, seed: int | None 
         export_tiny_encoder(tmp_path / "models" / "pretrain", seed=seed)
     write_metrics(tmp_path / "metrics" / "probe.json", top1=top1, top5=0.9, knn_top1=0.4)
     write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.7, top5=0.95)
-    return registry.register(params)
+    return register_step.register(params)
 
 
 def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir):
@@ -131,20 +134,20 @@ def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir)
     assert run.data.metrics["probe_top1"] == 0.60
     assert run.inputs.dataset_inputs[0].dataset.digest == digest[:36]
 
-    rows = registry.list_models(name)
+    rows = store.list_models(name)
     assert [(r["version"], r["aliases"]) for r in rows] == [
         ("1", []), ("2", [CHALLENGER]), ("3", [CHAMPION])]
-    table = registry.format_models(rows)
+    table = cli.format_models(rows)
     assert "champion" in table and "0.6000" in table
 
     # Humans may overrule the gate; a missing version is explained with the ones that exist.
-    promoted = registry.promote(name, 2)
+    promoted = store.promote(name, 2)
     assert CHAMPION in promoted.aliases
     assert client.get_model_version(name, "2").tags["decision"] == CHAMPION
-    with pytest.raises(registry.RegistryError, match=r"no version '7'; existing versions: 1, 2, 3"):
-        registry.promote(name, 7)
-    with pytest.raises(registry.RegistryError, match=r"no registered model 'nope'.*" + name):
-        registry.promote("nope", 1)
+    with pytest.raises(store.RegistryError, match=r"no version '7'; existing versions: 1, 2, 3"):
+        store.promote(name, 7)
+    with pytest.raises(store.RegistryError, match=r"no registered model 'nope'.*" + name):
+        store.promote("nope", 1)
 
 
 def test_a_model_without_champion_is_a_normal_state(tmp_path, params, encoder_dir):
@@ -156,14 +159,14 @@ def test_a_model_without_champion_is_a_normal_state(tmp_path, params, encoder_di
     assert first["action"] == CHALLENGER
     client = MlflowClient()
     name = params.register.model_name
-    assert registry.get_alias(client, name, CHAMPION) is None
+    assert store.get_alias(client, name, CHAMPION) is None
     second = _run_register(tmp_path, params, 0.50, seed=1)
     assert second["action"] == CHAMPION and second["version"] == 2
     client.delete_registered_model_alias(name, CHAMPION)
     third = _run_register(tmp_path, params, 0.40, seed=2)
     assert third["action"] == CHAMPION and third["champion_version_before"] is None
-    assert CHAMPION in registry.promote(name, 2).aliases
-    assert [r["aliases"] for r in registry.list_models(name)][1] == [CHAMPION]
+    assert CHAMPION in store.promote(name, 2).aliases
+    assert [r["aliases"] for r in store.list_models(name)][1] == [CHAMPION]
 
 
 def test_logged_models_embed_any_batch_size(tmp_path, params, encoder_dir):
@@ -196,8 +199,8 @@ def test_logged_models_embed_any_batch_size(tmp_path, params, encoder_dir):
 
 def test_list_and_promote_without_a_store_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}")
-    with pytest.raises(registry.RegistryError, match="run `pilamim register`"):
-        registry.list_models()
+    with pytest.raises(store.RegistryError, match="run `pilamim register`"):
+        store.list_models()
     assert not (tmp_path / "none").exists()
 
 
@@ -210,21 +213,21 @@ def test_same_weights_reuse_their_version(tmp_path, params, encoder_dir):
     again = _run_register(tmp_path, params, 0.50)
     assert again["version"] == first["version"] == 1 and again["reused"] is True
     assert again["action"] == CHAMPION and "same weights as version 1" in again["reason"]
-    assert [r["version"] for r in registry.list_models(params.register.model_name)] == ["1"]
+    assert [r["version"] for r in store.list_models(params.register.model_name)] == ["1"]
     # Probed again under a changed protocol: still version 1, its tags now say how and what,
     # so the next version, measured the new way, is compared with it like for like.
     lineage = {"dataset_digest": first["data_digest"], "protocol": "probe:new",
                "encoder_sha256": first["encoder_sha256"]}
     write_metrics(tmp_path / "metrics" / "probe.json", lineage=lineage, top1=0.55)
     (tmp_path / "metrics" / "finetune.json").unlink()
-    remeasured = registry.register(params)
+    remeasured = register_step.register(params)
     assert remeasured["version"] == 1 and remeasured["reused"] is True
     tags = MlflowClient().get_model_version(params.register.model_name, "1").tags
     assert tags["eval_protocol"] == "probe:new" and float(tags["metric.probe_top1"]) == 0.55
     export_tiny_encoder(encoder_dir, seed=5)
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.60,
-                  lineage={**lineage, "encoder_sha256": registry.encoder_sha256(encoder_dir)})
-    assert registry.register(params)["action"] == CHAMPION          # 0.60 beats 0.55, alike
+                  lineage={**lineage, "encoder_sha256": encoder_sha256(encoder_dir)})
+    assert register_step.register(params)["action"] == CHAMPION          # 0.60 beats 0.55, alike
 
 
 def test_gate_only_compares_numbers_measured_alike(tmp_path, params, encoder_dir):
@@ -236,10 +239,10 @@ def test_gate_only_compares_numbers_measured_alike(tmp_path, params, encoder_dir
 
     new_digest = write_prepared(tmp_path / "data" / "prepared", n=16)    # other data
     export_tiny_encoder(encoder_dir, seed=1, dataset_digest=new_digest)
-    lineage = {"dataset_digest": new_digest, "encoder_sha256": registry.encoder_sha256(
+    lineage = {"dataset_digest": new_digest, "encoder_sha256": encoder_sha256(
         encoder_dir), "protocol": "probe:test"}
     write_metrics(tmp_path / "metrics" / "probe.json", lineage=lineage, top1=0.60)
-    other_data = registry.register(params)
+    other_data = register_step.register(params)
     assert other_data["action"] == CHALLENGER
     assert old_digest in other_data["reason"] and new_digest in other_data["reason"]
 
@@ -247,13 +250,13 @@ def test_gate_only_compares_numbers_measured_alike(tmp_path, params, encoder_dir
     export_tiny_encoder(encoder_dir, seed=2)
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.90,
                   lineage={**lineage, "dataset_digest": old_digest, "protocol": "probe:other",
-                           "encoder_sha256": registry.encoder_sha256(encoder_dir)})
-    other_protocol = registry.register(params)
+                           "encoder_sha256": encoder_sha256(encoder_dir)})
+    other_protocol = register_step.register(params)
     assert other_protocol["action"] == CHALLENGER
     assert "probe:other vs champion's probe:test" in other_protocol["reason"]
     name = params.register.model_name
     assert str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version) == "1"
-    assert CHAMPION in registry.promote(name, other_data["version"]).aliases
+    assert CHAMPION in store.promote(name, other_data["version"]).aliases
 
 
 def test_register_refuses_inputs_of_different_lineages(tmp_path, params, encoder_dir):
@@ -261,22 +264,22 @@ def test_register_refuses_inputs_of_different_lineages(tmp_path, params, encoder
     write_prepared(tmp_path / "data" / "prepared")
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
     export_tiny_encoder(encoder_dir, seed=3)                  # probe.json measured the old one
-    with pytest.raises(registry.LineageError, match=r"on encoder .* rerun `pilamim probe`"):
-        registry.register(params)
+    with pytest.raises(LineageError, match=r"on encoder .* rerun `pilamim probe`"):
+        register_step.register(params)
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
     write_metrics(tmp_path / "metrics" / "finetune.json", top1=0.6,
                   lineage={"dataset_digest": "f" * 64, "encoder_sha256": "x", "protocol": "p"})
-    with pytest.raises(registry.LineageError, match=r"finetune.json was measured on data "
+    with pytest.raises(LineageError, match=r"finetune.json was measured on data "
                        r"ffffffffffff .* rerun `pilamim finetune`"):
-        registry.register(params)
+        register_step.register(params)
     (tmp_path / "metrics" / "finetune.json").write_text(json.dumps({"top1": 0.6}))
-    with pytest.raises(registry.LineageError, match=r"does not say which data.*`pilamim finetune`"):
-        registry.register(params)
+    with pytest.raises(LineageError, match=r"does not say which data.*`pilamim finetune`"):
+        register_step.register(params)
     (tmp_path / "metrics" / "finetune.json").unlink()
     export_tiny_encoder(encoder_dir, seed=3, dataset_digest="e" * 64)
-    with pytest.raises(registry.LineageError, match=r"pretrained on data eeeeeeeeeeee.*"
+    with pytest.raises(LineageError, match=r"pretrained on data eeeeeeeeeeee.*"
                        r"rerun `pilamim pretrain`"):
-        registry.register(params)
+        register_step.register(params)
     assert not (tmp_path / "metrics" / "register.json").exists()
     assert MlflowClient().search_registered_models() == []
 
@@ -285,10 +288,10 @@ def test_register_refuses_inputs_of_different_lineages(tmp_path, params, encoder
 
 _KILLED_REGISTER = """
 import os, signal
-from pilamim import registry
 from pilamim.config import Params
+from pilamim.registry import registration
 from pilamim.stages.runner import execute
-registry.apply_decision = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+registration.apply_decision = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 execute("register", Params())
 """
 
@@ -313,7 +316,7 @@ def test_register_after_a_killed_register_completes_it(tmp_path, params, encoder
     killed_run = client.get_run(left.run_id)
     assert killed_run.info.status == "RUNNING"
 
-    record = registry.register(params)
+    record = register_step.register(params)
     assert record["version"] == 1 and record["action"] == CHAMPION
     assert client.get_run(left.run_id).info.status == "KILLED"
     assert client.get_model_version(name, "1").tags["decision"] == CHAMPION
@@ -328,7 +331,7 @@ def test_a_killed_register_of_other_weights_is_marked_abandoned(tmp_path, params
     record = _run_register(tmp_path, params, 0.6, seed=4)
     assert record["version"] == 2 and record["abandoned_versions"] == [1]
     tags = MlflowClient().get_model_version(params.register.model_name, "1").tags
-    assert tags["decision"] == registry.ABANDONED and "version 2" in tags["decision_reason"]
+    assert tags["decision"] == store.ABANDONED and "version 2" in tags["decision_reason"]
     running = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("pilamim-test").experiment_id],
         filter_string="attributes.status = 'RUNNING'")

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from pilamim import registry, tracking
+from pilamim.registry import store
+from pilamim.stages import register as register_step
+from pilamim.tracking import runs, server
 
 from .conftest import FEATURE_DIM, free_port, write_metrics, write_prepared
 
@@ -78,10 +80,10 @@ def test_register_through_server_and_load_champion_in_fresh_process(
         tmp_path, params, encoder_dir, mlflow_server, monkeypatch):
     url, stop_server = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    tracking.check_tracking_reachable(url)
+    server.check_tracking_reachable(url)
     write_prepared(tmp_path / "data" / "prepared")
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5, top5=0.9)
-    record = registry.register(params)
+    record = register_step.register(params)
     assert record["action"] == "champion"
     # Artifacts went through the server's proxy, not into the working folder.
     assert not (tmp_path / "mlartifacts").exists()
@@ -97,15 +99,15 @@ def test_register_through_server_and_load_champion_in_fresh_process(
     assert json.loads((tmp_path / "metrics" / "register.json").read_text())["version"] == 1
 
     # No @champion is a normal state on the server too (its error codes differ from SQLite's).
-    client = registry.registry_client()
+    client = store.registry_client()
     client.delete_registered_model_alias(params.register.model_name, "champion")
-    assert registry.get_alias(client, params.register.model_name) is None
-    again = registry.register(params)
+    assert store.get_alias(client, params.register.model_name) is None
+    again = register_step.register(params)
     assert again["action"] == "champion" and again["champion_version_before"] is None
 
     # The server dying mid-stage ends the stage with one clear error, in bounded time.
-    with pytest.raises(tracking.TrackingUnavailable, match="output files are saved"):
-        with tracking.stage_run("probe", params, log_system_metrics=False) as run:
+    with pytest.raises(server.TrackingUnavailable, match="output files are saved"):
+        with runs.stage_run("probe", params, log_system_metrics=False) as run:
             run.logger.log_metrics({"loss": 1.0}, step=0)
             stop_server()
             start = time.monotonic()
