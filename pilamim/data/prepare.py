@@ -4,14 +4,8 @@ Everything here is deterministic: files are visited in sorted order, each class 
 its own generator seeded with ``(seed, class index)``, and floats are rounded before they are
 written, so the same inputs give byte-identical ``manifest.csv`` and ``dataset.json``. The
 digest (sha256 of the manifest bytes) is therefore a stable data version that every model can
-be traced back to.
-
-Mean and std are measured on images as the model sees them: every training image is decoded at
-no more than the size needed (JPEG draft mode), brought to 8 bits (16-bit values scaled, not
-clipped), resized to ``img_size`` x ``img_size`` and only then summed in float64, so each image
-counts once whatever its resolution and a huge image never becomes a huge float array. Images
-over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, a decompression bomb guard) are treated
-like undecodable ones: skipped and listed, or refused with ``bad_images: fail``.
+be traced back to. How each image is decoded, checked and measured for mean/std (as the model
+sees it, with bounded memory): :mod:`pilamim.data.image_check`.
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ import io
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pilamim.config import DataParams, ModelParams
-from pilamim.data.bit_depth import to_8bit
 from pilamim.data.errors import DataError
+from pilamim.data.fetch_report import read_fetch_report
+from pilamim.data.image_check import CheckedImage, check_image, mean_std
 from pilamim.data.prepared import (
     DATASET_FILE,
     FORMAT_VERSION,
@@ -41,30 +35,15 @@ from pilamim.data.prepared import (
     PreparedDataset,
     load_prepared,
 )
-from pilamim.data.sources import check_image_root, image_root, materialize, read_fetch_report
+from pilamim.data.sources import check_image_root, image_root, materialize
 from pilamim.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-STAT_DECIMALS = 6
 MAX_BAD_LISTED = 20
 # The model's default input size; the size mean/std are measured at unless told otherwise.
 DEFAULT_IMG_SIZE: int = ModelParams.model_fields["img_size"].default
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """One usable image: where it is, its hash, and pixel sums for mean/std (over the image
-    resized to ``img_size``, so ``pixels`` is the same for every image)."""
-
-    rel: str
-    sha256: str
-    gray: bool
-    pixels: int
-    sums: tuple[float, float, float]  # per RGB channel, values in [0, 1]
-    squares: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -73,7 +52,7 @@ class _Inventory:
     images (in its shuffled order, which the split follows), and what was left out."""
 
     classes: list[str]
-    kept: dict[str, list[_Checked]]
+    kept: dict[str, list[CheckedImage]]
     skipped: list[dict[str, str]]  # sorted by path
     empty: list[str]  # class folders without usable images
 
@@ -83,7 +62,7 @@ class _Splits:
     """The manifest rows (sorted), the training images (for mean/std) and per-split counts."""
 
     rows: list[tuple[str, str, str, str]]
-    train: list[_Checked]
+    train: list[CheckedImage]
     counts: dict[str, dict[str, int]]
 
 
@@ -120,10 +99,10 @@ def prepare(params: DataParams, fetch: bool = True,
 
 
 def _validate_images(root: Path, classes: list[str], params: DataParams,
-                     img_size: int) -> tuple[dict[str, list[_Checked]], list[dict[str, str]]]:
+                     img_size: int) -> tuple[dict[str, list[CheckedImage]], list[dict[str, str]]]:
     """Each class's usable images in a seeded shuffled order, decoding only until the cap is
     reached (a capped run never decodes the whole folder); plus every unusable file seen."""
-    kept: dict[str, list[_Checked]] = {}
+    kept: dict[str, list[CheckedImage]] = {}
     skipped: list[dict[str, str]] = []
     files = {name: _list_files(root, name) for name in classes}
     cap = params.max_images_per_class
@@ -133,11 +112,11 @@ def _validate_images(root: Path, classes: list[str], params: DataParams,
             candidates = files[name]
             rng = np.random.default_rng([params.seed, class_index])
             order = [candidates[i] for i in rng.permutation(len(candidates))]
-            good: list[_Checked] = []
+            good: list[CheckedImage] = []
             for rel in order:
                 if cap and len(good) >= cap:
                     break
-                checked = _check_image(root, rel, skipped, img_size)
+                checked = check_image(root, rel, skipped, img_size)
                 if checked is not None:
                     good.append(checked)
                 bar.update()
@@ -145,7 +124,7 @@ def _validate_images(root: Path, classes: list[str], params: DataParams,
     return kept, skipped
 
 
-def _take_stock(root: Path, classes: list[str], kept: dict[str, list[_Checked]],
+def _take_stock(root: Path, classes: list[str], kept: dict[str, list[CheckedImage]],
                 skipped: list[dict[str, str]], bad_images: str) -> _Inventory:
     """Add what the fetch left out, then refuse (``bad_images: fail``) or warn about every
     unusable file and empty class, and keep only the classes that have images."""
@@ -170,7 +149,7 @@ def _assign_splits(inventory: _Inventory, params: DataParams) -> _Splits:
     """Per class, the first images of its shuffled order go to test, the next to val, the rest
     to train (:func:`split_sizes`); rows are sorted so the manifest does not depend on order."""
     rows: list[tuple[str, str, str, str]] = []
-    train: list[_Checked] = []
+    train: list[CheckedImage] = []
     counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     for name in inventory.classes:
         items = inventory.kept[name]
@@ -191,7 +170,7 @@ def _dataset_info(params: DataParams, root: Path, out_dir: Path, inventory: _Inv
     split settings and the manifest's digest. Gray only if every kept image is gray."""
     classes, counts = inventory.classes, splits.counts
     channels = 1 if all(item.gray for items in inventory.kept.values() for item in items) else 3
-    mean, std = _mean_std(sorted(splits.train, key=lambda c: c.rel), channels)
+    mean, std = mean_std(sorted(splits.train, key=lambda c: c.rel), channels)
     return {
         "format_version": FORMAT_VERSION,
         "source": params.source,
@@ -274,86 +253,6 @@ def _refusal(root: Path, skipped: list[dict[str, str]], empty: list[str]) -> str
     lines.append("Remove or fix them (add images to an empty class folder or remove it), "
                  "or set data.bad_images: skip.")
     return "\n".join(lines)
-
-
-def _check_image(root: Path, rel: str, skipped: list[dict[str, str]],
-                 img_size: int) -> _Checked | None:
-    """Decode the whole file; return its hash and pixel sums, or record why it is unusable."""
-    try:
-        data = (root / rel).read_bytes()
-        array, gray = _model_view(data, img_size)
-    except Exception as err:  # PIL raises many exception types for bad files
-        skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"})
-        return None
-    if gray:
-        s, q = float(array.sum()), float(np.square(array).sum())
-        sums, squares = (s, s, s), (q, q, q)
-    else:
-        flat = array.reshape(-1, 3)
-        sums = tuple(float(v) for v in flat.sum(axis=0))
-        squares = tuple(float(v) for v in np.square(flat).sum(axis=0))
-    pixels = array.shape[0] * array.shape[1]
-    return _Checked(rel, hashlib.sha256(data).hexdigest(), gray, pixels, sums, squares)
-
-
-def _model_view(data: bytes, img_size: int) -> tuple[np.ndarray, bool]:
-    """Decode every byte of an image file; return it as the model sees it, and whether it is gray.
-
-    The result is ``img_size`` x ``img_size`` in [0, 1] (float64, 1 or 3 channels): the whole
-    image resized like a full-frame ``RandomResizedCrop``, so every image weighs the same in
-    mean/std. Memory stays bounded: the pixel limit is checked from the header before any
-    decoding, JPEGs are decoded at reduced scale (draft mode still reads the whole file, so a
-    truncated one still fails) and float64 is only ever used at ``img_size``.
-    """
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        # Over the limit PIL only warns below twice the limit; _refuse_bomb turns it into an error.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-    with img:
-        _refuse_bomb(img)
-        gray = img.mode in GRAY_MODES
-        img.draft(None, (img_size, img_size))
-        img.load()
-        small = to_8bit(img, "L" if gray else "RGB").resize(
-            (img_size, img_size), Image.Resampling.BICUBIC)
-    return np.asarray(small, dtype=np.float64) / 255.0, gray
-
-
-def _refuse_bomb(img) -> None:
-    """Raise before decoding an image with more pixels than PIL's decompression-bomb limit.
-
-    PIL itself only refuses at twice its limit and merely warns in between, which lets a small
-    file expand into gigabytes; here the limit itself is the bound.
-    """
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    width, height = img.size
-    if limit and width * height > limit:
-        raise Image.DecompressionBombError(
-            f"{width} x {height} = {width * height:,} pixels is over the limit of {limit:,} "
-            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?); shrink the image, or raise "
-            "the limit if it is genuine"
-        )
-
-
-def _mean_std(train: list[_Checked], channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std of the training pixels, in [0, 1] units.
-
-    The pixels are those of each image resized to ``img_size``, so each image weighs the same.
-    """
-    pixels = sum(c.pixels for c in train)
-    if pixels == 0:
-        return [0.5] * channels, [0.5] * channels
-    sums = np.array([c.sums for c in train], dtype=np.float64).sum(axis=0)
-    squares = np.array([c.squares for c in train], dtype=np.float64).sum(axis=0)
-    mean = sums / pixels
-    std = np.sqrt(np.maximum(squares / pixels - mean**2, 0.0))
-    std = np.where(std < 1e-6, 1.0, std)  # a constant channel must not divide by zero
-    return ([round(float(m), STAT_DECIMALS) for m in mean[:channels]],
-            [round(float(s), STAT_DECIMALS) for s in std[:channels]])
 
 
 def _manifest_text(rows: list[tuple[str, str, str, str]]) -> str:

@@ -4,25 +4,21 @@ Three kinds of source, one result (an image root folder) so ``prepare`` never ca
 images came from:
 
 - ``embedded``: the bundled Fashion-MNIST subset (or, with ``embedded_idx_dir``, the full IDX
-  files) written as PNGs into ``<raw_dir>/fashion-mnist`` (``<raw_dir>/fashion-mnist-full``).
-  The folder is filled in a hidden temp folder and renamed into place with a marker file, so a
-  killed run never leaves a half folder that looks complete; a second call is a no-op.
-- a local folder: validated and mirrored by hard links into ``<raw_dir>/local/<name>``.
-- ``s3://bucket/prefix``: mirrored into ``<raw_dir>/s3/<bucket>/<prefix>`` with boto3, which
-  takes endpoint and credentials from the usual AWS settings (``AWS_ENDPOINT_URL``,
-  ``AWS_ACCESS_KEY_ID`` ...). Unchanged objects (same ETag and size) are not downloaded again.
+  files) written as PNGs into ``<raw_dir>/fashion-mnist`` (``<raw_dir>/fashion-mnist-full``),
+  by the functions at the end of this module. The folder is filled in a hidden temp folder and
+  renamed into place with a marker file, so a killed run never leaves a half folder that looks
+  complete; a second call is a no-op.
+- a local folder: validated and mirrored by hard links into ``<raw_dir>/local/<name>``
+  (:mod:`pilamim.data.local_source`).
+- ``s3://bucket/prefix``: mirrored into ``<raw_dir>/s3/<bucket>/<prefix>`` with boto3
+  (:mod:`pilamim.data.s3_source`). Unchanged objects (same ETag and size) are not downloaded
+  again.
 
 A source never reaches outside itself, and a mirror never writes or deletes outside its own
-folder: names joined under ``raw_dir`` must be plain (see :func:`plain_parts`), every write and
-delete is checked against the resolved mirror folder (:func:`check_inside`), and in a local
-folder a symbolic link is followed only when it is a file link whose target stays inside the
-folder (then the target's bytes are mirrored). Links pointing outside, broken links and links to
-folders (never followed: loops, double counting) are skipped. What a source holds but its mirror
-leaves out (those links, and class folders without any file, which an image folder cannot
-carry through DVC) is logged as a warning and written to ``<mirror>/.pilamim-fetch.json``;
-``prepare`` lists it in ``dataset.json`` and, with ``bad_images: fail``, refuses it. The fetch
-itself never looks at ``bad_images``: the ``fetch`` stage does not depend on that setting, so its
-output must not either.
+folder: names joined under ``raw_dir`` must be plain (:func:`pilamim.data.errors.plain_parts`)
+and each mirror checks every write and delete against its resolved folder
+(:func:`pilamim.data.errors.check_inside`). What a source holds but its mirror leaves out is
+logged as a warning here and kept beside the mirror (:mod:`pilamim.data.fetch_report`).
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ import tempfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +40,10 @@ from tqdm import tqdm
 
 from pilamim.config import DataParams
 from pilamim.data.embedded import SUBSET_PATH
-from pilamim.data.errors import DataError, check_inside, plain_parts
+from pilamim.data.errors import DataError
+from pilamim.data.fetch_report import FETCH_REPORT, FetchReport, save_fetch_report
 from pilamim.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_fashion_mnist
+from pilamim.data.local_source import local_mirror_name, materialize_local
 from pilamim.data.s3_source import materialize_s3, parse_s3_uri
 from pilamim.io import atomic_write_json
 
@@ -55,23 +52,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_DIR = "fashion-mnist"
 EMBEDDED_FULL_DIR = "fashion-mnist-full"
 MARKER = ".pilamim-source.json"
-FETCH_REPORT = ".pilamim-fetch.json"
 PNG_WRITER_THREADS = 4
-LINK_OUTSIDE = "symbolic link pointing outside the source folder"
-LINK_BROKEN = "symbolic link to nothing (broken) or to something that is not a file"
-LINK_FOLDER = "symbolic link to a folder (folder links are never followed)"
-
-
-@dataclass
-class FetchReport:
-    """What a source holds that its mirror leaves out; ``prepare`` reports (or refuses) it.
-
-    ``skipped`` entries look like ``prepare``'s own (``{"path", "reason"}``, paths relative to
-    the source) so ``dataset.json`` lists both kinds in one place.
-    """
-
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    empty_classes: list[str] = field(default_factory=list)
 
 
 def image_root(params: DataParams) -> Path:
@@ -87,19 +68,7 @@ def image_root(params: DataParams) -> Path:
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_uri(source)
         return raw_dir / "s3" / bucket / prefix if prefix else raw_dir / "s3" / bucket
-    return raw_dir / "local" / _local_name(source)
-
-
-def _local_name(source: str) -> str:
-    """The mirror folder name of a local source: its last path part, which must be a name.
-
-    ``/data/imgs/..`` or ``/`` would otherwise make the mirror folder ``raw_dir`` itself (or its
-    parent), and mirroring deletes whatever there is not in the source.
-    """
-    name = Path(source).expanduser().absolute().name
-    plain_parts(name, f"data.source {source!r}: its last part",
-                "name the image folder itself, without a trailing '..' (e.g. /data/images)")
-    return name
+    return raw_dir / "local" / local_mirror_name(source)
 
 
 def materialize(params: DataParams) -> Path:
@@ -120,30 +89,11 @@ def materialize(params: DataParams) -> Path:
     else:
         folder = Path(source).expanduser().absolute()
         check_image_root(folder, source)
-        _refuse_overlap(folder, root, source)
-        files, report = scan_local(folder)
-        _mirror_local(files, root)
+        report = materialize_local(folder, root, source)
     _warn(report, source)
-    _save_fetch_report(root, report)
+    save_fetch_report(root, report)
     check_image_root(root, source)
     return root
-
-
-def _save_fetch_report(root: Path, report: FetchReport) -> None:
-    """Write ``report`` into the mirror, only when it changed (a rerun leaves data/raw alone)."""
-    path = check_inside(root / FETCH_REPORT, root, "write")
-    if not path.is_file() or read_fetch_report(root) != report:
-        atomic_write_json(path, {"skipped": report.skipped,
-                                 "empty_classes": report.empty_classes})
-
-
-def read_fetch_report(root: Path) -> FetchReport:
-    """The :class:`FetchReport` a local or S3 mirror left in ``root`` (empty if none)."""
-    try:
-        saved = json.loads((root / FETCH_REPORT).read_text())
-    except (OSError, ValueError):
-        return FetchReport()
-    return FetchReport(list(saved.get("skipped", [])), list(saved.get("empty_classes", [])))
 
 
 def _warn(report: FetchReport, source: str) -> None:
@@ -152,94 +102,6 @@ def _warn(report: FetchReport, source: str) -> None:
     if report.empty_classes:
         log.warning("data.source %s: class folder(s) without any file: %s", source,
                     ", ".join(report.empty_classes))
-
-
-def _refuse_overlap(folder: Path, dest: Path, source: str) -> None:
-    """Refuse a source folder that holds its own mirror (or lies inside it).
-
-    The mirror would copy itself on every fetch, or delete the source's files as stale.
-    """
-    a, b = folder.resolve(), dest.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise DataError(f"data.source {source!r} ({a}) overlaps its mirror folder {b} under "
-                        "raw_dir; keep the images in a folder of their own outside raw_dir")
-
-
-def scan_local(source: Path) -> tuple[dict[str, Path], FetchReport]:
-    """Every file of ``source`` to mirror (root-relative POSIX path -> path), and what is left out.
-
-    Folder links are listed, never entered; a file link is kept only when its target is a file
-    inside ``source`` (so a source never reaches outside itself). Class folders (non-hidden
-    top-level folders) left without any file are reported: the mirror cannot keep them.
-    """
-    real_root = source.resolve()
-    files: dict[str, Path] = {}
-    report = FetchReport()
-    for dirpath, dirnames, filenames in os.walk(source):  # does not enter linked folders
-        here = Path(dirpath)
-        dirnames.sort()
-        for name in dirnames:
-            if (here / name).is_symlink():
-                report.skipped.append({"path": _rel(here / name, source), "reason": LINK_FOLDER})
-        for name in sorted(filenames):
-            path = here / name
-            if not path.is_symlink():
-                if path.is_file():
-                    files[_rel(path, source)] = path
-                continue
-            target = Path(os.path.realpath(path))  # never raises, even on loops
-            reason = _link_problem(target, real_root)
-            if reason:
-                report.skipped.append({"path": _rel(path, source), "reason": reason})
-            else:  # os.link would link the link itself, which DVC would follow later
-                files[_rel(path, source)] = target
-    filled = {rel.split("/", 1)[0] for rel in files if "/" in rel}
-    report.empty_classes = [p.name for p in sorted(source.iterdir())
-                            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-                            and p.name not in filled]
-    report.skipped.sort(key=lambda s: s["path"])
-    return files, report
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _link_problem(target: Path, real_root: Path) -> str | None:
-    """Why a file link resolving to ``target`` may not be mirrored, or None when it may."""
-    if target != real_root and real_root not in target.parents:
-        return LINK_OUTSIDE
-    return None if target.is_file() else LINK_BROKEN
-
-
-def _mirror_local(files: dict[str, Path], dest: Path) -> Path:
-    """Make ``dest`` hold exactly ``files`` (plus our report), by hard links (a copy across file
-    systems); files unchanged since the last mirror (same size and mtime) are left alone, stale
-    ones removed. Every write and delete is checked to stay inside ``dest``."""
-    inside: set[Path] = set()
-    for rel in sorted(files):
-        src, dst = files[rel], check_inside(dest / rel, dest, "write", inside)
-        st = src.stat()
-        if dst.exists():
-            dt = dst.stat()
-            if (dt.st_size, dt.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
-                continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    if dest.exists():
-        for path in sorted(dest.rglob("*"), reverse=True):
-            rel = path.relative_to(dest).as_posix()
-            if (path.is_file() or path.is_symlink()) and rel not in files and rel != FETCH_REPORT:
-                check_inside(path, dest, "delete", inside).unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                check_inside(path, dest, "delete", inside).rmdir()
-    return dest
 
 
 def check_image_root(root: Path, source: str | None = None) -> list[str]:

@@ -1,10 +1,12 @@
 """The pretraining loop: resumable, DDP-aware, no host sync per step on the GPU.
 
-Reports through a :class:`pilamim.callbacks.Logger`; writes the checkpoint, the exported encoder,
-reconstruction figures and ``metrics/pretrain.json``. Its output folders are checked writable
-before anything else (a read-only ``metrics/`` is not found after the training), and the end
-of a run (checkpoint promotion, encoder, metrics JSON last) is one :class:`OutputBatch`: all
-of it appears, or none. Which checkpoint a run resumes: :mod:`pilamim.train.checkpoint`.
+Reports through a :class:`pilamim.callbacks.Logger`; writes the checkpoint, the exported encoder
+and ``metrics/pretrain.json``. Its output folders are checked writable before anything else (a
+read-only ``metrics/`` is not found after the training), and the end of a run (checkpoint
+promotion, encoder, metrics JSON last) is one :class:`OutputBatch`: all of it appears, or none.
+Which checkpoint a run resumes: :mod:`pilamim.train.checkpoint`; what watches the run learn
+(loss means, the kNN monitor, reconstruction figures, final val losses):
+:mod:`pilamim.train.monitors`.
 """
 
 from __future__ import annotations
@@ -19,18 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
-from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import PreparedDataset, load_prepared
 from pilamim.data.pretrain_input import PretrainInput, pretrain_input
-from pilamim.data.transforms import eval_transform
 from pilamim.device import resolve_device
-from pilamim.evaluate.features import extract_features
-from pilamim.evaluate.knn import knn_metrics
 from pilamim.io import OutputBatch, ensure_writable
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
@@ -44,8 +42,8 @@ from pilamim.train.checkpoint import (
     stage_promotion,
 )
 from pilamim.train.distributed import DistInfo, barrier, init_distributed, shutdown
-from pilamim.train.figures import reconstruction_figure
 from pilamim.train.flops import peak_flops, step_flops_per_image
+from pilamim.train.monitors import LossMeter, build_monitors, final_losses, run_monitors
 from pilamim.train.sampler import EpochSampler
 from pilamim.train.step import LOSS_TERMS, Plan, StepResult, TrainStep, build_training
 
@@ -83,41 +81,6 @@ def resume_step(params: Params) -> int:
     meta = _meta(params, prepared.channels, p.batch_size * p.accum_steps * world,
                  prepared.digest)
     return find_resume(p.out_dir, meta, "cpu", mmap=True).step
-
-
-# The reconstruction figure shows one image per class, up to this many classes.
-FIGURE_MAX_IMAGES = 10
-
-
-def one_per_class(labels: list[int], limit: int = FIGURE_MAX_IMAGES) -> list[int]:
-    """Index of the first image of each class, in class order, for at most ``limit`` classes:
-    a figure of the first few images of a sorted split would show a single class."""
-    first: dict[int, int] = {}
-    for index, label in enumerate(labels):
-        first.setdefault(label, index)
-    return [first[label] for label in sorted(first)][:limit]
-
-
-def figure_batch(prepared, params: Params, device: torch.device) -> torch.Tensor:
-    split = "val" if prepared.split("val") else "train"
-    ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
-                                                         prepared.std))
-    return torch.stack([ds[i][0] for i in one_per_class(ds.labels)]).to(device)
-
-
-def _save_figure(model: PiLaMIM, images: torch.Tensor, params: Params, prepared, epoch: int,
-                 out_dir: Path) -> Path:
-    g = torch.Generator(device=images.device).manual_seed(params.pretrain.seed)
-    noise = torch.rand(images.shape[0], model.num_patches, generator=g, device=images.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(images, noise)
-    model.train(was_training)
-    return reconstruction_figure(
-        images, out.pred_pixels, out.mask, params.model.patch_size, prepared.mean, prepared.std,
-        out_dir / "figures" / f"recon_epoch{epoch:03d}.png", title=f"epoch {epoch}",
-        norm_pix=params.model.norm_pix_loss)
 
 
 def pretrain(params: Params, logger: Logger | None = None) -> dict[str, Any]:
@@ -167,53 +130,6 @@ class Run:
         return self.train_input.dataset
 
 
-@dataclasses.dataclass
-class LossMeter:
-    """Loss sums since the last log line and since the epoch began, kept on the device: adding
-    never syncs with the host; only reading them for a log line does."""
-
-    sums: dict[str, torch.Tensor]
-    epoch_sums: dict[str, torch.Tensor]
-    counted: int = 0  # micro-batches in ``sums``
-    epoch_counted: int = 0
-    images_since: int = 0  # images since the last log line, for images/s
-    t_log: float = dataclasses.field(default_factory=time.perf_counter)
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> LossMeter:
-        return cls({k: torch.zeros((), device=device) for k in LOSS_TERMS},
-                   {k: torch.zeros((), device=device) for k in LOSS_TERMS})
-
-    def add(self, losses: dict[str, torch.Tensor], micro_batches: int, images: int) -> None:
-        for k, v in losses.items():
-            self.sums[k] += v
-            self.epoch_sums[k] += v
-        self.counted += micro_batches
-        self.epoch_counted += micro_batches
-        self.images_since += images
-
-    def restart_log(self) -> None:
-        for v in self.sums.values():
-            v.zero_()
-        self.counted, self.images_since, self.t_log = 0, 0, time.perf_counter()
-
-    def take_epoch_means(self) -> dict[str, float]:
-        """Mean of each loss term over the epoch (one host sync per term), then start over."""
-        means = {k: (self.epoch_sums[k] / max(self.epoch_counted, 1)).item() for k in LOSS_TERMS}
-        for v in self.epoch_sums.values():
-            v.zero_()
-        self.epoch_counted = 0
-        return means
-
-
-@dataclasses.dataclass(frozen=True)
-class Monitors:
-    """Inputs of the per-epoch monitors, built once on rank 0 (None: that monitor is off)."""
-
-    figure_images: torch.Tensor | None  # one val image per class for the reconstruction figure
-    knn_sets: tuple[Subset, ManifestDataset] | None  # (memory bank, queries)
-
-
 def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     """The whole run at a glance; each step is its own function below, in the order the run
     takes them (which is also the order it draws from the RNGs: keep it)."""
@@ -221,14 +137,14 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     resume_run(run)
     train_step = TrainStep(run.model, run.optimizer, run.plan, run.mask_gen, info, run.device)
     sampler = EpochSampler(len(run.train_set), info.world, info.rank, params.pretrain.seed)
-    monitors = build_monitors(run)
+    monitors = build_monitors(run.model, run.prepared, params, run.device, info.is_main)
     meter = LossMeter.zeros(run.device)
     t_start = time.perf_counter()
     progress = _progress_bar(run)
     try:  # a failed step (non-finite loss, interrupt) must not leave the bar open
         for epoch in range(run.step // run.plan.steps_per_epoch, params.pretrain.epochs):
             train_one_epoch(run, train_step, sampler, epoch, meter, logger, progress)
-            run_monitors(run, monitors, epoch, meter, logger)
+            run_monitors(monitors, run.model, epoch, run.step, meter, logger)
     finally:
         progress.close()
     if run.step != run.last_saved:
@@ -272,17 +188,6 @@ def resume_run(run: Run) -> None:
     if run.resume.state is not None:
         _restore(run.resume.state, run.model, run.optimizer, run.mask_gen)
     run.resume = dataclasses.replace(run.resume, state=None)  # the state is not needed any more
-
-
-def build_monitors(run: Run) -> Monitors:
-    """The figure batch and kNN sets, decoded once, on rank 0 and only when they are wanted."""
-    p = run.params.pretrain
-    figure_images = (figure_batch(run.prepared, run.params, run.device)
-                     if run.info.is_main and run.model.pixel_decoder is not None
-                     and p.figure_every_epochs else None)
-    knn_sets = (knn_monitor_sets(run.prepared, run.params)
-                if run.info.is_main and p.knn_every_epochs else None)
-    return Monitors(figure_images, knn_sets)
 
 
 def _progress_bar(run: Run) -> tqdm:
@@ -369,24 +274,6 @@ def checkpoint(run: Run) -> None:
     run.last_saved = run.step
 
 
-def run_monitors(run: Run, monitors: Monitors, epoch: int, meter: LossMeter,
-                 logger: Logger) -> None:
-    """End of an epoch: the epoch's mean losses, plus on rank 0 the kNN monitor and the
-    reconstruction figure at their cadences. Keep the order: the kNN loaders draw from the
-    global torch RNG (each DataLoader iterator does), whose state the checkpoint saves."""
-    p = run.params.pretrain
-    epoch_metrics = {f"pretrain/epoch_{k}": v for k, v in meter.take_epoch_means().items()}
-    if not run.info.is_main:
-        return
-    if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
-        epoch_metrics.update(_knn_monitor(run.model, *monitors.knn_sets,
-                                          run.prepared.num_classes, run.device))
-    logger.log_metrics(epoch_metrics, run.step)
-    if monitors.figure_images is not None and (epoch + 1) % p.figure_every_epochs == 0:
-        logger.log_artifact(_save_figure(run.model, monitors.figure_images, run.params,
-                                         run.prepared, epoch, run.out_dir))
-
-
 def export_outputs(run: Run, wall_time_s: float) -> dict[str, Any]:
     """The run's summary; rank 0 adds the val losses and commits checkpoint, encoder and
     metrics JSON together (:func:`_commit_outputs`)."""
@@ -397,7 +284,7 @@ def export_outputs(run: Run, wall_time_s: float) -> dict[str, Any]:
                "preset": run.params.model.preset, "train_images": len(run.train_set),
                "wall_time_s": wall_time_s, "dataset_digest": run.prepared.digest}
     if run.info.is_main:
-        summary.update(_final_losses(run.model, run.prepared, run.params, run.device))
+        summary.update(final_losses(run.model, run.prepared, run.params, run.device))
         _commit_outputs(run.model, run.resume, run.prepared, run.params, summary)
     return summary
 
@@ -420,7 +307,7 @@ def _announce(resume: Resume, out_dir: Path, total_steps: int) -> None:
         print(f"resuming from {resume.path} at step {resume.step}/{total_steps}")
 
 
-def _commit_outputs(model: PiLaMIM, resume: Resume, prepared, params: Params,
+def _commit_outputs(model: PiLaMIM, resume: Resume, prepared: PreparedDataset, params: Params,
                     summary: dict[str, Any]) -> None:
     """The run's outputs, together or not at all: this recipe's checkpoint becomes
     ``checkpoint.pt``, then the encoder, then ``metrics/pretrain.json`` (last: DVC and the
@@ -438,28 +325,6 @@ def _commit_outputs(model: PiLaMIM, resume: Resume, prepared, params: Params,
     prune_recipe_checkpoints(out_dir)
 
 
-def knn_monitor_sets(prepared, params: Params,
-                     max_bank: int = 3000) -> tuple[Subset, ManifestDataset]:
-    """(memory bank, queries) for the kNN monitor, built once so each image is decoded once:
-    at most ``max_bank`` training images, every n-th one (the manifest is in class order, so
-    the first ``max_bank`` would leave classes out), and the val split (else test)."""
-    tf = eval_transform(params.model.img_size, prepared.mean, prepared.std)
-    train = ManifestDataset(prepared, "train", tf)
-    bank = Subset(train, range(0, len(train), max(1, -(-len(train) // max_bank))))
-    return bank, ManifestDataset(prepared, "val" if prepared.split("val") else "test", tf)
-
-
-def _knn_monitor(model: PiLaMIM, bank: Subset, query: ManifestDataset, num_classes: int,
-                 device: torch.device) -> dict[str, float]:
-    """Cheap representation check while training: cosine kNN (k=20, T=0.07) of ``query`` on
-    ``bank``. Pixel-only models score low here early on; a monitor, never a gate
-    (docs/METHOD.md)."""
-    feats, labels = extract_features(model.encoder, bank, 256, device)
-    qfeats, qlabels = extract_features(model.encoder, query, 256, device)
-    result = knn_metrics(feats, labels, qfeats, qlabels, num_classes)
-    return {f"pretrain/{k}": v for k, v in result.items()}
-
-
 def _check_finite(loss_sum: torch.Tensor, step: int, ckpt_path: Path, last_saved: int) -> None:
     value = float(loss_sum)
     if not math.isfinite(value):
@@ -468,26 +333,3 @@ def _check_finite(loss_sum: torch.Tensor, step: int, ckpt_path: Path, last_saved
         raise NonFiniteLossError(
             f"pretraining loss became {value} by step {step}; {kept}. Lower the learning rate "
             "(pretrain.base_lr), set pretrain.grad_clip, or use pretrain.precision: fp32.")
-
-
-@torch.no_grad()
-def _final_losses(model: PiLaMIM, prepared, params: Params, device: torch.device,
-                  max_images: int = 512) -> dict[str, float]:
-    """Losses on the val split without augmentation, a fixed mask: comparable across runs."""
-    split = "val" if prepared.split("val") else "train"
-    ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
-                                                         prepared.std))
-    loader = DataLoader(range(min(len(ds), max_images)), batch_size=128)
-    g = torch.Generator(device=device).manual_seed(params.pretrain.seed)
-    totals: dict[str, float] = {}
-    n = 0
-    model.eval()
-    for idx in loader:
-        images = torch.stack([ds[int(i)][0] for i in idx]).to(device)
-        out = model(images, torch.rand(len(idx), model.num_patches, generator=g, device=device))
-        for k in LOSS_TERMS:
-            v = getattr(out, k)
-            if v is not None:
-                totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + float(v) * len(idx)
-        n += len(idx)
-    return {k: v / n for k, v in totals.items()}

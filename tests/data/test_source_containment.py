@@ -15,16 +15,11 @@ import pytest
 
 from pilamim.config import DataParams
 from pilamim.data.errors import DataError
+from pilamim.data.fetch_report import FETCH_REPORT
+from pilamim.data.local_source import LINK_BROKEN, LINK_FOLDER, LINK_OUTSIDE
 from pilamim.data.prepare import prepare
 from pilamim.data.s3_source import _list_objects
-from pilamim.data.sources import (
-    FETCH_REPORT,
-    LINK_BROKEN,
-    LINK_FOLDER,
-    LINK_OUTSIDE,
-    image_root,
-    materialize,
-)
+from pilamim.data.sources import image_root, materialize
 from tests.data.helpers import make_tree, snapshot, upload_tree
 
 

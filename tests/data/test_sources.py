@@ -13,16 +13,11 @@ from PIL import Image
 
 from pilamim.config import DataParams
 from pilamim.data.errors import DataError
+from pilamim.data.fetch_report import FETCH_REPORT
 from pilamim.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from pilamim.data.prepare import prepare
 from pilamim.data.s3_source import S3_STATE
-from pilamim.data.sources import (
-    FETCH_REPORT,
-    MARKER,
-    _atomic_folder,
-    encode_gray_png,
-    materialize,
-)
+from pilamim.data.sources import MARKER, _atomic_folder, encode_gray_png, materialize
 from tests.data.helpers import make_tree, png_bytes, upload_tree, write_idx
 
 # ----------------------------------------------------------------------------- embedded

@@ -20,7 +20,7 @@ from pilamim.data.prepared import load_prepared
 from pilamim.data.transforms import eval_transform
 from pilamim.params_files import dump_params
 from pilamim.train import NonFiniteLossError, pretrain
-from pilamim.train.loop import figure_batch, one_per_class
+from pilamim.train.monitors import figure_batch, one_per_class
 from tests.conftest import micro_run_params
 
 
