@@ -15,10 +15,11 @@ before giving up with DVC's own "Unable to acquire lock" error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -91,6 +92,19 @@ def _target(repo: Repo, stage: str) -> str:
     return f"{Path(repo.root_dir) / PROJECT_FILE}:{stage}"
 
 
+@contextlib.contextmanager
+def _dvc_quiet() -> Iterator[None]:
+    """DVC's INFO lines ("Updating lock file 'dvc.lock'"), once per stage and printed twice (by
+    DVC's own handler and by Prefect's), say nothing the task's own "finished" line does not."""
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        dvc_log.setLevel(level)
+
+
 def _with_repo(root: str | Path, fn: Callable[[Repo], T]) -> T:
     """``fn(Repo(root))`` under the process-wide lock, retrying while DVC's lock is taken."""
     from dvc.lock import LockError
@@ -99,7 +113,7 @@ def _with_repo(root: str | Path, fn: Callable[[Repo], T]) -> T:
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         with _lock:
             try:
-                with Repo(str(root)) as repo:
+                with Repo(str(root)) as repo, _dvc_quiet():
                     return fn(repo)
             except LockError:
                 if attempt == LOCK_ATTEMPTS:

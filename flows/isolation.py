@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pilamim_flows.retry import _chain
+from pilamim_flows.retry import exception_chain
 
 from pilamim.checkout_lock import held_lock_fds
 from pilamim.config import Params
@@ -69,7 +69,7 @@ def _stage_process(job: str, reply: str) -> None:
     try:
         answer: tuple[bool, Any] = (True, execute(stage, params))
     except Exception as err:  # noqa: BLE001 - sent back to the parent, raised there
-        answer = (False, [_picklable(e) for e in _chain(err)])
+        answer = (False, [_picklable(e) for e in exception_chain(err)])
     Path(reply + ".tmp").write_bytes(pickle.dumps(answer))
     os.replace(reply + ".tmp", reply)
 

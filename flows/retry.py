@@ -48,7 +48,7 @@ def _permanent_types() -> tuple[type[BaseException], ...]:
     return ParamsError, MissingInputError, ValueError, TypeError, KeyError
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
+def exception_chain(err: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
@@ -67,7 +67,7 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, _permanent_types()) and not isinstance(err, _transient_types()):
         return False
     transient = _transient_types()
-    for link in _chain(err):
+    for link in exception_chain(err):
         if isinstance(link, transient):
             return True
         # MLflow wraps store and HTTP failures in MlflowException; SQLite reports its lock as

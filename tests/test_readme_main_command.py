@@ -33,6 +33,11 @@ def test_pilamim_run_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pilamim.cli", "run", *sets], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
+    # progress and results, not MLflow's system-metrics chatter or DVC's lock-file lines
+    output = done.stdout + done.stderr
+    for noise in ("system_metrics", "Updating lock file", "Downloading artifacts"):
+        assert noise not in output, noise
+    assert "pretrain finished in" in done.stderr
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["status"] == "completed" and summary["metrics"]["probe_top1"] > 0.1
     for path in ("data/prepared/manifest.csv", "models/pretrain/encoder.safetensors",

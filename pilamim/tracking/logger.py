@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pilamim.tracking.server import _short
+from pilamim.tracking.server import brief_error
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class MLflowLogger:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
         except Exception as err:  # noqa: BLE001 - see class docstring
-            self._warn(f"could not log artifact {path}: {_short(err)}")
+            self._warn(f"could not log artifact {path}: {brief_error(err)}")
 
     def flush(self) -> None:
         with self._lock:
@@ -88,7 +88,7 @@ class MLflowLogger:
                 self._buffer.clear()
                 self._warn(f"MLflow metric logging failed, further metrics of run {self.run_id} "
                            f"are not sent (the stage's CSV/JSON outputs still are): "
-                           f"{_short(err)}")
+                           f"{brief_error(err)}")
 
     def _warn(self, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)

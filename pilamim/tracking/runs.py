@@ -46,13 +46,18 @@ from pilamim.tracking.logger import MLflowLogger
 from pilamim.tracking.owners import TAG_OWNER, close_orphaned_runs, owner_tag
 from pilamim.tracking.server import (
     TrackingUnavailable,
-    _short,
+    brief_error,
     connect,
     http_limits,
     resolve_tracking_uri,
 )
 
 log = logging.getLogger(__name__)
+
+# MLflow's system-metrics monitor logs four INFO lines around every run ("Skip logging GPU
+# metrics", "Started monitoring", ...): 24 lines of noise per `pilamim run`; its SQLite store
+# two more on first use. Their warnings stay.
+QUIETED_LOGGERS = ("mlflow.system_metrics", "mlflow.store.db.utils")
 
 # Env vars (read at call time, so tests and the Prefect flow can set them).
 ENV_PIPELINE_ID = "PILAMIM_PIPELINE_ID"
@@ -160,6 +165,14 @@ def _without_env(name: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
+def quiet_mlflow_chatter() -> None:
+    """Raise :data:`QUIETED_LOGGERS` to WARNING, and turn off MLflow's artifact download bars
+    (one per logged model) unless the user set ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``."""
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 @contextlib.contextmanager
 def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None = None,
               parent_run_id: str | None = None, pipeline_tag: str | None = None,
@@ -175,6 +188,7 @@ def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None =
     resume that run instead of creating ours). The run ends FINISHED, or FAILED when the body
     raises; buffered metrics are flushed either way.
     """
+    quiet_mlflow_chatter()
     used = tuple(groups) if groups is not None else tuple(GROUPS)
     parent_run_id = parent_run_id or os.environ.get(ENV_PARENT_RUN_ID) or None
     commit, dirty = git_info()
@@ -232,11 +246,11 @@ def _end_run(status: str, run_id: str) -> None:
         mlflow.end_run(status=status)
     except Exception as err:
         if status == "FAILED":     # the body's own error is the one to show
-            log.warning("could not mark MLflow run %s failed: %s", run_id, _short(err))
+            log.warning("could not mark MLflow run %s failed: %s", run_id, brief_error(err))
             return
         raise TrackingUnavailable(
             f"could not close MLflow run {run_id} at {resolve_tracking_uri()} "
-            f"({type(err).__name__}: {_short(err)}); the stage's output files are saved. "
+            f"({type(err).__name__}: {brief_error(err)}); the stage's output files are saved. "
             f"Check the tracking server / MLFLOW_TRACKING_URI and rerun the stage to record it."
         ) from err
 
@@ -261,6 +275,7 @@ def pipeline_run(params: Params, *, pipeline_id: str | None = None,
     ``PILAMIM_PARENT_RUN_ID`` are set, so every :func:`stage_run` (also in DVC-launched
     subprocesses) links to it without extra arguments.
     """
+    quiet_mlflow_chatter()
     pipeline_id = pipeline_id or os.environ.get(ENV_PIPELINE_ID) or uuid.uuid4().hex
     commit, dirty = git_info()
     tags = {TAG_STAGE: "pipeline", TAG_PIPELINE_ID: pipeline_id,

@@ -93,7 +93,7 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
     except requests.RequestException as err:
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} is unreachable ({type(err).__name__}: "
-            f"{_short(err)}). {hint}"
+            f"{brief_error(err)}). {hint}"
         ) from None
     if response.status_code >= 500:
         raise TrackingUnavailable(
@@ -101,7 +101,9 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
-def _short(err: BaseException, limit: int = 200) -> str:
+def brief_error(err: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to ``limit`` characters: an HTTP error from the tracking
+    server can carry a whole HTML page, which would bury the hint next to it."""
     text = str(err)
     return text if len(text) <= limit else text[:limit] + "..."
 
