@@ -45,13 +45,13 @@ from benchmarks.throughput_parts.common import (  # noqa: E402
     PIPELINES,
     STEP_DEFAULTS,
 )
-from benchmarks.throughput_parts.data import _data_loader  # noqa: E402
+from benchmarks.throughput_parts.data import data_loader  # noqa: E402
 from benchmarks.throughput_parts.flops import analytic_flops  # noqa: E402
 from benchmarks.throughput_parts.jpegs import make_jpegs  # noqa: E402
-from benchmarks.throughput_parts.step import _params  # noqa: E402
+from benchmarks.throughput_parts.step import step_params  # noqa: E402
 from benchmarks.throughput_parts.suite import (  # noqa: E402
-    _Emitter,
-    _environment,
+    Emitter,
+    environment_info,
     gpu_suite,
     run_isolated,
     run_setting,
@@ -60,7 +60,7 @@ from benchmarks.throughput_parts.suite import (  # noqa: E402
 )
 
 # Names used by callers and tests of ``benchmarks.throughput`` (their homes: throughput_parts).
-__all__ = ["DATA_DEFAULTS", "STEP_DEFAULTS", "_data_loader", "_params",
+__all__ = ["DATA_DEFAULTS", "STEP_DEFAULTS", "data_loader", "step_params",
            "analytic_flops", "build_parser", "gpu_suite", "main", "make_jpegs", "run_setting",
            "settings_from_args", "summarize"]
 
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"kind": "setting", "setting": s}))
         return 0
     t_start = time.perf_counter()
-    emit = _Emitter(args.out)
+    emit = Emitter(args.out)
     try:
-        emit(_environment())
+        emit(environment_info())
         if args.make_jpegs:
             emit(make_jpegs(int(args.make_jpegs[0]), args.make_jpegs[1]))
             if not (args.data or args.suite or args.settings):

@@ -16,9 +16,9 @@ from benchmarks.throughput_parts.common import (
     IMAGENET_STD,
     PIPELINES,
     STEP_DEFAULTS,
-    _free,
     _resolve_device,
     _sync,
+    free_memory,
 )
 from benchmarks.throughput_parts.jpegs import scan_jpegs
 
@@ -47,7 +47,7 @@ class RepeatedEpochs(torch.utils.data.Sampler):
         return self.total
 
 
-def _data_loader(s: dict[str, Any], device: torch.device):
+def data_loader(s: dict[str, Any], device: torch.device):
     """(DataLoader, function batch -> normalised (B, 3, S, S) float tensor on the device), built
     by the pretraining loop's own :func:`pretrain_input` over a manifest of the JPEG folder."""
     from torch.utils.data import DataLoader
@@ -77,11 +77,11 @@ def _data_loader(s: dict[str, Any], device: torch.device):
 def _training(s: dict[str, Any], device: torch.device):
     """The real training step (built as step mode builds it) fed each produced batch, so the
     figure is what ``pilamim pretrain`` would reach on these files: loader and model together."""
-    from benchmarks.throughput_parts.step import _build
+    from benchmarks.throughput_parts.step import build_step
 
     step_setting = {**STEP_DEFAULTS, **s["train"], "batch": s["batch"], "accum": 1,
                     "img_size": s["img_size"], "device": s["device"], "seed": s["seed"]}
-    _model, step = _build(step_setting, device)
+    _model, step = build_step(step_setting, device)
     sums = torch.zeros((), device=device)
     at = 0
 
@@ -107,7 +107,7 @@ def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
     s["warmup_batches"] = max(s["warmup_batches"], (3 if s["train"] else 2) * s["workers"])
     s["batches"] = max(s["batches"], 4 * s["workers"])
     train, loss_finite = _training(s, device) if s["train"] else (None, None)
-    loader, to_device = _data_loader(s, device)
+    loader, to_device = data_loader(s, device)
 
     def produce(batch) -> torch.Tensor:
         x = to_device(batch)
@@ -137,8 +137,8 @@ def run_data_setting(s: dict[str, Any]) -> dict[str, Any]:
     out["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
                            if device.type == "cuda" else None)
     del batches, loader, x, produce
-    train = None  # drops the model before _free, so its memory is returned
+    train = None  # drops the model before free_memory, so its memory is returned
     if s["train"] and s["train"].get("compile"):
         torch._dynamo.reset()
-    _free(device)
+    free_memory(device)
     return out

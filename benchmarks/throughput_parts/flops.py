@@ -10,10 +10,10 @@ import torch
 
 from pilamim.train.flops import analytic_flops
 
-__all__ = ["_flop_counter", "analytic_flops"]
+__all__ = ["flop_counter", "analytic_flops"]
 
 
-def _flop_counter(**kwargs):
+def flop_counter(**kwargs):
     """``FlopCounterMode`` that also counts CPU fused attention (not in torch's registry)."""
     from torch.utils.flop_counter import (
         FlopCounterMode,

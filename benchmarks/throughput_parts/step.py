@@ -13,11 +13,11 @@ from benchmarks.throughput_parts.common import (
     H100_BF16_PEAK_TFLOPS,
     LOSS_MATCH_TOL,
     STEP_DEFAULTS,
-    _free,
     _resolve_device,
     _sync,
+    free_memory,
 )
-from benchmarks.throughput_parts.flops import _flop_counter, analytic_flops
+from benchmarks.throughput_parts.flops import analytic_flops, flop_counter
 
 
 def _precision_name(device: torch.device, precision: str) -> str:
@@ -26,7 +26,7 @@ def _precision_name(device: torch.device, precision: str) -> str:
     return "fp32" if autocast_dtype(device, precision) is None else "bf16"
 
 
-def _params(s: dict[str, Any], **changes: Any):
+def step_params(s: dict[str, Any], **changes: Any):
     """Our typed ``Params`` for one step setting (validated like a params file)."""
     from pilamim.config import ModelParams, Params, PretrainParams
 
@@ -42,11 +42,11 @@ def _params(s: dict[str, Any], **changes: Any):
     return Params(model=model, pretrain=pretrain)
 
 
-def _build(s: dict[str, Any], device: torch.device, **changes: Any):
+def build_step(s: dict[str, Any], device: torch.device, **changes: Any):
     from pilamim.train.distributed import DistInfo
     from pilamim.train.step import TrainStep, build_training
 
-    params = _params(s, **changes)
+    params = step_params(s, **changes)
     p = params.pretrain
     info = DistInfo()
     train_size = p.batch_size * p.accum_steps * 10_000  # a long run: the lr schedule is flat
@@ -74,21 +74,21 @@ def count_step_flops(s: dict[str, Any], model, step, device: torch.device) -> di
     from pilamim.train.step import Plan, TrainStep
 
     batch = s["flop_batch"] or min(s["batch"], 8 if device.type == "cuda" else 2)
-    params = _params(s, batch=batch, accum=1, compile=False, precision="fp32")
+    params = step_params(s, batch=batch, accum=1, compile=False, precision="fp32")
     plan = Plan(params, batch * 10_000, 1)
     gen = torch.Generator(device=device).manual_seed(s["seed"] + 2)
     eager = TrainStep(model, step.optimizer, plan, gen, step.info, device)
     images = _images(s, batch, device)
-    with _flop_counter() as counter:
+    with flop_counter() as counter:
         eager([images], 0)
     total = counter.get_total_flops()
     target = None
     if model.target is not None:
-        with _flop_counter() as counter, torch.no_grad():
+        with flop_counter() as counter, torch.no_grad():
             model.latent_targets(images)
         target = counter.get_total_flops() / batch
     del eager, images
-    _free(device)
+    free_memory(device)
     return {"flops_per_image": total / batch, "flops_target_forward_per_image": target,
             "flop_batch": batch}
 
@@ -188,7 +188,7 @@ def run_step_setting(s: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"precision_resolved": precision, "device": str(device)}
 
     t0 = time.perf_counter()
-    model, step = _build(s, device)
+    model, step = build_step(s, device)
     if s["compile_mode"]:  # experiment knob: the loop compiles with the default mode
         step.forward = torch.compile(step.net, mode=s["compile_mode"])
     out["build_s"] = time.perf_counter() - t0
@@ -229,7 +229,7 @@ def run_step_setting(s: dict[str, Any]) -> dict[str, Any]:
         ref = {k: sum(float(getattr(o, k)) for o in outs) for k in LOSS_TERMS
                if getattr(outs[0], k) is not None}
         del outs, noises
-    _free(device)
+    free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -298,5 +298,5 @@ def run_step_setting(s: dict[str, Any]) -> dict[str, Any]:
     del model, step, images, micro, result, first
     if s["compile"] or s["compile_mode"]:
         torch._dynamo.reset()
-    _free(device)
+    free_memory(device)
     return out

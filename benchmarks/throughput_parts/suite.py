@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.throughput_parts.common import DATA_DEFAULTS, REPO_ROOT, STEP_DEFAULTS, _free
+from benchmarks.throughput_parts.common import DATA_DEFAULTS, REPO_ROOT, STEP_DEFAULTS, free_memory
 from benchmarks.throughput_parts.data import run_data_setting
 from benchmarks.throughput_parts.step import run_step_setting
 
@@ -32,7 +32,7 @@ def run_setting(s: dict[str, Any]) -> dict[str, Any]:
     except Exception as err:  # a failed setting must not lose the others
         record.update(ok=False, error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc(limit=8)[-3000:])
-        _free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        free_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     record["elapsed_s"] = time.perf_counter() - t0
     return record
 
@@ -102,7 +102,7 @@ def smoke_suite(jpeg_dir: str) -> list[dict[str, Any]]:
                  label="train-device-on-cpu")]
 
 
-def _environment() -> dict[str, Any]:
+def environment_info() -> dict[str, Any]:
     import timm
     import torchvision
 
@@ -120,7 +120,7 @@ def _environment() -> dict[str, Any]:
     return env
 
 
-class _Emitter:
+class Emitter:
     def __init__(self, out: str | None) -> None:
         self.file = None
         if out:

@@ -113,7 +113,7 @@ def test_gpu_suite_settings_are_valid(capsys):
     for s in suite:
         step = s if s["mode"] == "step" else s.get("train")
         if step:
-            params = bench._params({**bench.STEP_DEFAULTS, **step})
+            params = bench.step_params({**bench.STEP_DEFAULTS, **step})
             assert params.model.size == "base" and params.pretrain.batch_size == 256
     assert bench.main(["--suite", "gpu", "--only", "compiled", "--list"]) == 0
     listed = [json.loads(x)["setting"] for x in capsys.readouterr().out.splitlines()]
