@@ -1,9 +1,12 @@
 """Log an exported encoder into the active MLflow run as two loadable models.
 
-* ``encoder`` — PyTorch flavour (pickle format, so any batch size loads): the one the registry
-  versions. Input normalised ``float32`` ``(N, C, H, W)``, output ``(N, D)`` embeddings.
 * ``embedder`` — pyfunc "model from code" (:mod:`pilamim.registry.embedder`) over raw ``uint8``
-  ``(N, H, W, C)`` images, so a consumer needs neither our normalisation nor our package.
+  ``(N, H, W, C)`` images of any size and 1, 3 or 4 channels: the one the registry versions,
+  so ``mlflow models serve -m models:/<name>@champion`` needs neither our normalisation nor our
+  package. Signature: ``uint8 (-1, -1, -1, -1)`` in, ``float32 (-1, D)`` out.
+* ``encoder`` — PyTorch flavour (pickle format, so any batch size loads), for the ``nn.Module``
+  (its URI goes to the version tag ``encoder_uri``). Input normalised ``float32``
+  ``(N, C, H, W)``, output ``(N, D)`` embeddings.
 
 Both carry ``encoder.json`` in their MLmodel metadata and pin the packages they need to the
 versions that logged them.
@@ -51,18 +54,25 @@ def pip_requirements() -> list[str]:
 
 @dataclass(frozen=True)
 class LoggedEncoder:
-    model_uri: str            # PyTorch flavour, registered
-    embedder_uri: str         # pyfunc over raw uint8 images
+    embedder_uri: str         # pyfunc over raw uint8 images: the one to register
+    encoder_uri: str          # PyTorch flavour (the nn.Module over normalised float32 NCHW)
     feature_dim: int
-    input_shape: tuple[int, int, int]   # C, H, W
+    input_shape: tuple[int, int, int]   # C, H, W the encoder takes
+
+    @property
+    def model_uri(self) -> str:
+        """The model the registry versions: the embedder."""
+        return self.embedder_uri
 
 
 def log_encoder_model(encoder_dir: str | Path, *, name: str = "encoder",
                       embedder_name: str = "embedder") -> LoggedEncoder:
     """Log the exported encoder into the active run as the two models of the module docstring.
 
-    Signatures and input examples are numpy; the input example has batch 2 and the batch
-    dimension is -1, so any batch size loads and predicts.
+    Signatures and input examples are numpy; the input examples have batch 2 and the batch
+    dimension is -1, so any batch size loads and predicts. The embedder's height, width and
+    channels are -1 too (it resizes and converts); MLflow's schema enforcement then checks its
+    rank (4) and dtype (``uint8``, which the scoring server also parses JSON ``inputs`` to).
     """
     folder = Path(encoder_dir)
     cfg = read_encoder_config(folder)
@@ -80,7 +90,7 @@ def log_encoder_model(encoder_dir: str | Path, *, name: str = "encoder",
         metadata={"pilamim_encoder": cfg},
     )
     embed_sig = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, chans))]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
         outputs=out_schema)
     embed_info = mlflow.pyfunc.log_model(
         name=embedder_name,
@@ -90,4 +100,4 @@ def log_encoder_model(encoder_dir: str | Path, *, name: str = "encoder",
         signature=embed_sig, input_example=np.zeros((2, size, size, chans), np.uint8),
         pip_requirements=reqs, metadata={"pilamim_encoder": cfg},
     )
-    return LoggedEncoder(torch_info.model_uri, embed_info.model_uri, dim, (chans, size, size))
+    return LoggedEncoder(embed_info.model_uri, torch_info.model_uri, dim, (chans, size, size))

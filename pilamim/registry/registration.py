@@ -20,6 +20,7 @@ from pilamim.registry.store import (
     METRIC_TAG_PREFIX,
     TAG_DATA_DIGEST,
     TAG_ENCODER_SHA,
+    TAG_ENCODER_URI,
     TAG_PROTOCOL,
     apply_decision,
     get_alias,
@@ -77,7 +78,7 @@ def register_encoder(params: Params, inputs: RegisterInputs, run_id: str,
             TAG_DATA_DIGEST: inputs.data_digest, TAG_ENCODER_SHA: inputs.encoder_sha256,
             TAG_PROTOCOL: inputs.protocol, "git_commit": commit,
             "git_dirty": str(dirty).lower(), "params_hash": runs.params_hash(params),
-            "pipeline_id": pipeline_id, "embedder_uri": logged.embedder_uri,
+            "pipeline_id": pipeline_id, TAG_ENCODER_URI: logged.encoder_uri,
             **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in inputs.metrics.items()},
         })
     else:  # same weights: this evaluation becomes the version's (protocols may have changed)
@@ -98,12 +99,15 @@ def register_encoder(params: Params, inputs: RegisterInputs, run_id: str,
             champion_context={"data_digest": champion_tags.get(TAG_DATA_DIGEST, ""),
                               "protocol": champion_tags.get(TAG_PROTOCOL, "")})
         apply_decision(client, rp.model_name, version.version, decision)
+    # The registered source is the embedder (raw images), the nn.Module's URI a tag. Versions
+    # registered before that have it the other way round: the tag was ``embedder_uri``.
+    version_tags = client.get_model_version(rp.model_name, str(version.version)).tags or {}
     record = {
         "model_name": rp.model_name, "version": int(version.version),
         "model_uri": f"models:/{rp.model_name}/{version.version}",
         "logged_model_uri": version.source,
-        "embedder_uri": (version.tags or {}).get("embedder_uri")
-        or client.get_model_version(rp.model_name, str(version.version)).tags["embedder_uri"],
+        "embedder_uri": version_tags.get("embedder_uri", version.source),
+        "encoder_uri": version_tags.get(TAG_ENCODER_URI, version.source),
         "action": decision.action, "reason": decision.reason, "reused": decided,
         "gate_metric": decision.gate_metric, "gate_value": decision.value,
         "champion_value_before": decision.champion_value,

@@ -24,6 +24,8 @@ METRIC_TAG_PREFIX = "metric."
 TAG_ENCODER_SHA = "encoder_sha256"
 TAG_PROTOCOL = "eval_protocol"
 TAG_DATA_DIGEST = "data_digest"
+# The registered model is the raw-image embedder; this tag holds its PyTorch-flavour sibling.
+TAG_ENCODER_URI = "encoder_uri"
 ABANDONED = "abandoned"
 
 

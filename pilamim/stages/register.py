@@ -4,13 +4,14 @@
 data, same encoder), logs the encoder as two MLflow models in the ``register`` run
 (:mod:`pilamim.registry.model_logging`), registers one version and decides its alias:
 
-* ``encoder`` — PyTorch flavour (pickle format, so any batch size loads), the one registered
-  under ``params/register.yaml: model_name``. ``mlflow.pytorch.load_model(uri)`` gives the
-  ``nn.Module``; ``mlflow.pyfunc.load_model(uri).predict(x)`` takes normalised ``float32``
-  ``(N, C, H, W)`` and returns ``(N, D)`` embeddings. The MLmodel metadata carries
-  ``encoder.json`` (mean/std to normalise with).
 * ``embedder`` — pyfunc (:mod:`pilamim.registry.embedder`) taking raw ``uint8`` ``(N, H, W, C)``
-  images; its URI is in the version tag ``embedder_uri``.
+  images as PIL/numpy give them, normalising them itself: the one registered under
+  ``params/register.yaml: model_name``, so ``mlflow models serve -m models:/<name>@champion``
+  serves images.
+* ``encoder`` — PyTorch flavour (pickle format, so any batch size loads), input normalised
+  ``float32`` ``(N, C, H, W)``; its URI is in the version tag ``encoder_uri``
+  (``mlflow.pytorch.load_model`` gives the ``nn.Module``). The MLmodel metadata of both carries
+  ``encoder.json`` (mean/std).
 
 The promotion gate (:func:`pilamim.registry.promotion.decide_promotion`, pure) makes a version
 ``@champion`` when its gate metric clears ``floor`` and beats the current champion by at least

@@ -71,6 +71,18 @@ def test_probe_param_change_reruns_probe_and_register_only(dvc_repo):
     assert_clean(dvc_repo)
 
 
+def test_editing_the_promotion_gate_reruns_register_only(dvc_repo):
+    """The gate is code register runs (its import closure, tests/dvc/test_dvc_yaml.py): editing
+    it makes register, and nothing upstream, stale."""
+    gate = dvc_repo.root / "pilamim" / "registry" / "promotion.py"
+    gate.write_text(gate.read_text() + "\n# an edit to the promotion gate\n")
+    status = dvc_repo.dvc_json("status")
+    assert set(status) == {"register"}, status
+    log = repro(dvc_repo)
+    assert ran_stages(log) == ["register"], log[-3000:]
+    assert_clean(dvc_repo)
+
+
 def test_metrics_show_lists_each_stage(dvc_repo):
     shown = dvc_repo.dvc_json("metrics", "show")
     files = shown[""]["data"]  # "" = the workspace

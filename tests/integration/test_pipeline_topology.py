@@ -84,7 +84,7 @@ def _load_champion_in_fresh_process(tmp_path: Path, tracking_uri: str, name: str
     code = f"""
 import json, mlflow, numpy as np
 model = mlflow.pyfunc.load_model("models:/{name}@champion")
-images = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
 out = np.asarray(model.predict(images))
 print(json.dumps({{"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}}))
 """

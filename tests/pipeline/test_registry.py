@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from pilamim import cli
 from pilamim.config import Params
 from pilamim.registry import store
-from pilamim.registry.embedder import images_to_tensor, load_timm_encoder
+from pilamim.registry.embedder import load_timm_encoder
+from pilamim.registry.model_logging import log_encoder_model
 from pilamim.registry.promotion import CHALLENGER, CHAMPION, decide_promotion
 from pilamim.stages import register as register_step
 from pilamim.stages.lineage import LineageError, encoder_sha256
@@ -126,7 +127,11 @@ def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir)
     assert tags["pipeline_id"] == second["pipeline_id"]
     assert float(tags["metric.probe_top1"]) == 0.505
     assert float(tags["metric.finetune_top1"]) == 0.7
-    assert tags["embedder_uri"].startswith("models:/")
+    assert tags["encoder_uri"].startswith("models:/") and "embedder_uri" not in tags
+    version = client.get_model_version(name, "2")
+    assert second["logged_model_uri"] == second["embedder_uri"] == version.source
+    assert second["encoder_uri"] == tags["encoder_uri"] != version.source
+    assert second["model_uri"] == f"models:/{name}/2"
 
     run = client.get_run(third["run_id"])
     assert run.data.tags["pilamim.stage"] == "register"
@@ -170,31 +175,51 @@ def test_a_model_without_champion_is_a_normal_state(tmp_path, params, encoder_di
 
 
 def test_logged_models_embed_any_batch_size(tmp_path, params, encoder_dir):
+    """@champion is the embedder over raw uint8 pixels; the nn.Module is the tag encoder_uri."""
     write_prepared(tmp_path / "data" / "prepared")
     record = _run_register(tmp_path, params, 0.5)
-    uri = f"models:/{params.register.model_name}@champion"
+    name = params.register.model_name
+    uri = f"models:/{name}@champion"
     config = json.loads((encoder_dir / "encoder.json").read_text())
     reference = load_timm_encoder(encoder_dir / "encoder.safetensors", config)
 
-    batch = np.random.default_rng(0).normal(size=(5, 1, 16, 16)).astype(np.float32)  # example: 2
-    pyfunc = mlflow.pyfunc.load_model(uri)
-    out = pyfunc.predict(batch)
-    assert out.shape == (5, FEATURE_DIM)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 16, 16, 1), dtype=np.uint8)
+    embedder = mlflow.pyfunc.load_model(uri)                           # input example: batch 2
+    embedded = embedder.predict(pixels)
+    assert embedded.shape == (5, FEATURE_DIM) and embedded.dtype == np.float32
+    normalised = (pixels.transpose(0, 3, 1, 2) / 255.0 - config["mean"][0]) / config["std"][0]
+    batch = torch.from_numpy(normalised.astype(np.float32))
     with torch.no_grad():
-        expected = reference(torch.from_numpy(batch)).numpy()
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        expected = reference(batch).numpy()
+    np.testing.assert_allclose(embedded, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="dtype of input float32"):
+        embedder.predict(batch.numpy())                     # normalised floats: not this model
 
-    module = mlflow.pytorch.load_model(uri)
+    version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    assert version.tags["encoder_uri"] == record["encoder_uri"]
+    module = mlflow.pytorch.load_model(version.tags["encoder_uri"])
     assert isinstance(module, timm.models.VisionTransformer)
     assert module.patch_embed.proj.in_channels == TINY_KWARGS["in_chans"]
-
-    pixels = np.random.default_rng(1).integers(0, 256, size=(3, 16, 16, 1), dtype=np.uint8)
-    embedder = mlflow.pyfunc.load_model(record["embedder_uri"])
-    embedded = embedder.predict(pixels)
-    assert embedded.shape == (3, FEATURE_DIM)
     with torch.no_grad():
-        expected = reference(images_to_tensor(pixels, config["mean"], config["std"], 1)).numpy()
-    np.testing.assert_allclose(embedded, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(module(batch).numpy(), expected, rtol=1e-5, atol=1e-5)
+    as_pyfunc = mlflow.pyfunc.load_model(record["encoder_uri"]).predict(batch.numpy())
+    np.testing.assert_allclose(as_pyfunc, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_version_registered_with_the_torch_model_as_source_is_recorded_as_such(
+        tmp_path, params, encoder_dir):
+    """Versions from before the embedder was the registered model (source: the PyTorch model,
+    tag ``embedder_uri``) are reused for the same weights; the record says which is which."""
+    write_prepared(tmp_path / "data" / "prepared")
+    write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
+    with mlflow.start_run():
+        logged = log_encoder_model(encoder_dir)
+    store.register_version(params.register.model_name, logged.encoder_uri, {
+        "encoder_sha256": encoder_sha256(encoder_dir), "embedder_uri": logged.embedder_uri})
+    record = register_step.register(params)
+    assert record["version"] == 1 and record["action"] == CHAMPION
+    assert record["logged_model_uri"] == record["encoder_uri"] == logged.encoder_uri
+    assert record["embedder_uri"] == logged.embedder_uri
 
 
 def test_list_and_promote_without_a_store_say_what_to_do(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from .conftest import FEATURE_DIM, free_port, write_metrics, write_prepared
 LOAD_SCRIPT = """
 import sys, mlflow, numpy as np
 model = mlflow.pyfunc.load_model(sys.argv[1])
-out = model.predict(np.zeros((3, 1, 16, 16), np.float32))
+out = model.predict(np.zeros((3, 16, 16, 1), np.uint8))    # raw pixels, as PIL/numpy give
 print("SHAPE", out.shape[0], out.shape[1])
 """
 
