@@ -91,7 +91,7 @@ def test_register_refuses_no_track_before_writing_anything(tmp_path, monkeypatch
     """``--no-track`` promises no MLflow writes; register's work is one (a Model Registry
     version), so it is refused up front. Every input is in place and MLflow would default to
     ``./mlflow.db``: only the refusal keeps a store from appearing here."""
-    from tests.pipeline.conftest import export_tiny_encoder, write_metrics, write_prepared
+    from tests.mlflow_store import export_tiny_encoder, write_metrics, write_prepared
 
     monkeypatch.chdir(tmp_path)          # write_metrics reads the encoder relative to the cwd
     dump_params(Params(), tmp_path / "params")

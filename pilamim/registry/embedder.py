@@ -51,7 +51,7 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-# As pilamim.data.transforms (tests/pipeline/test_serving.py checks they agree).
+# As pilamim.data.transforms (tests/registry/test_serving.py checks they agree).
 EVAL_CROP_RATIO = 0.875
 EVAL_RESIZE_MIN = 64
 # PIL's RGB -> L weights (ITU-R 601-2 luma) in 1/65536, rounded as Image.convert("L") does.

@@ -3,5 +3,5 @@
 a run input (:mod:`.datasets`) and closing runs whose process died (:mod:`.owners`).
 
 This layer sits above the method library and below the stages: it imports neither the stages
-nor Prefect (``tests/pipeline/test_layers.py``).
+nor Prefect (``tests/test_layers.py``).
 """

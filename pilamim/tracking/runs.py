@@ -12,8 +12,8 @@ commit (+ dirty flag), the params hash, the pipeline id linking the stage runs o
 execution, the DVC/prepared data digest, and system metrics (CPU, memory, GPU) sampled by MLflow
 in the background.
 
-Prefect is orchestration, not tracking: this module never imports it (``tests/pipeline/
-test_layers.py`` checks that no :mod:`pilamim` module does). A run started by the Prefect flow
+Prefect is orchestration, not tracking: this module never imports it (``tests/test_layers.py``
+checks that no :mod:`pilamim` module does). A run started by the Prefect flow
 gets its flow-run and task-run ids because the flow, which has them, passes them in as
 ``extra_tags`` (:func:`pipeline_run`, :func:`pilamim.stages.runner.execute`) or tags a stage
 run made in a child process once it returns; the one id read here is the environment variable

@@ -18,8 +18,7 @@ from pilamim.registry import store
 from pilamim.stages import register as register_step
 from pilamim.stages import runner, stage
 from pilamim.tracking import datasets, runs, server
-
-from .conftest import free_port, write_metrics, write_prepared
+from tests.mlflow_store import free_port, write_metrics, write_prepared
 
 
 def test_default_uri_is_the_sqlite_file_mlflow_ui_opens(tmp_path, monkeypatch):

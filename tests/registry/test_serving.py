@@ -28,8 +28,7 @@ from PIL import Image
 from pilamim.data import transforms
 from pilamim.registry import embedder as emb
 from pilamim.stages import register as register_step
-
-from .conftest import FEATURE_DIM, free_port, write_metrics, write_prepared
+from tests.mlflow_store import FEATURE_DIM, free_port, write_metrics, write_prepared
 
 MEAN, STD = [0.286], [0.353]      # export_tiny_encoder's
 GREY_LEVEL = 1 / 255 / STD[0]     # one pixel value, in normalised units

@@ -17,8 +17,7 @@ import requests
 from pilamim.registry import store
 from pilamim.stages import register as register_step
 from pilamim.tracking import runs, server
-
-from .conftest import FEATURE_DIM, free_port, write_metrics, write_prepared
+from tests.mlflow_store import FEATURE_DIM, free_port, write_metrics, write_prepared
 
 LOAD_SCRIPT = """
 import sys, mlflow, numpy as np

@@ -24,8 +24,7 @@ from pilamim.registry.model_logging import log_encoder_model
 from pilamim.registry.promotion import CHALLENGER, CHAMPION, decide_promotion
 from pilamim.stages import register as register_step
 from pilamim.stages.lineage import LineageError, encoder_sha256
-
-from .conftest import (
+from tests.mlflow_store import (
     FEATURE_DIM,
     TINY_KWARGS,
     export_tiny_encoder,

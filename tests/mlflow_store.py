@@ -1,4 +1,5 @@
-"""Fixtures for the MLflow tests: a private SQLite store per test and a tiny exported encoder.
+"""Fixtures for the MLflow tests (tests/tracking, tests/registry): a private SQLite store per
+test and a tiny exported encoder. Each folder's conftest.py imports them.
 
 Every test runs in its own temporary folder with ``MLFLOW_TRACKING_URI`` pointing at a SQLite
 file there, so nothing touches the repository's ``mlflow.db`` and tests never see each other.
