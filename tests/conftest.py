@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pilamim.config import ModelParams  # noqa: E402
+from tests.servers.seaweedfs import S3Server, seaweedfs_s3  # noqa: E402
 
 # Tests own their tool state: no stray MLflow/Prefect/DVC state from the developer's machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -23,11 +24,11 @@ torch.set_num_threads(1)
 # through another fixture): under ``pytest -n N --dist loadgroup`` each group runs on one
 # worker, so each server starts once, as without xdist; every other test spreads over the
 # workers. First match wins: the integration suite's ``s3_server`` comes from ``_topology``.
+# One SeaweedFS serves every suite that needs S3 (tests/data, tests/dvc, tests/integration's
+# topology), each in its own buckets, so those suites share one group.
 SERVER_GROUPS = {
-    "_topology": "topology",        # tests/integration: S3 + PostgreSQL + MLflow + Prefect
+    "seaweedfs": "s3",              # the session's S3 server, and all that builds on it
     "prefect_harness": "prefect",   # tests/flows: a temporary Prefect server
-    "dvc_repo": "dvc", "s3_images": "dvc",  # tests/dvc: a repo after one `dvc repro`, S3
-    "s3_server": "data-s3",         # tests/data: SeaweedFS
 }
 
 
@@ -62,6 +63,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail("--dist loadgroup is not grouping: this pytest/pytest-xdist pair ignores "
                     "xdist_group (pytest-xdist#1386); install the dev extra's pins "
                     "(pip install -e '.[dev]')", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    """The one real S3 server of the session (SeaweedFS on loopback); every user makes its own
+    buckets (tests/data: pilamim-*, tests/dvc: images + dvc-store, the topology: pilamim-mlflow
+    + pilamim-data)."""
+    with seaweedfs_s3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 def micro_model_params(**changes) -> ModelParams:

@@ -9,14 +9,13 @@ import pytest
 
 from pilamim.config import DataParams
 from pilamim.data.sources import materialize
-from tests.servers.seaweedfs import S3Server, seaweedfs_s3
+from tests.servers.seaweedfs import S3Server
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
-    """A real SeaweedFS S3 server on loopback for the whole test session."""
-    with seaweedfs_s3(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
+@pytest.fixture
+def s3_server(seaweedfs: S3Server) -> S3Server:
+    """The session's real SeaweedFS S3 server (tests/conftest.py)."""
+    return seaweedfs
 
 
 @pytest.fixture

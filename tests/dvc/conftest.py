@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from pilamim.config import Params
 from pilamim.params_files import dump_params
-from tests.servers.seaweedfs import S3Server, seaweedfs_s3
+from tests.servers.seaweedfs import S3Server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -121,10 +120,10 @@ def make_repo(root: Path, s3: S3Server) -> DvcRepo:
 
 
 @pytest.fixture(scope="session")
-def s3_images(tmp_path_factory) -> Iterator[S3Server]:
-    with seaweedfs_s3(tmp_path_factory.mktemp("seaweedfs")) as s3:
-        upload_images(s3)
-        yield s3
+def s3_images(seaweedfs: S3Server) -> S3Server:
+    """The session's S3 server (tests/conftest.py) holding the images the repo's source reads."""
+    upload_images(seaweedfs)
+    return seaweedfs
 
 
 @pytest.fixture(scope="session")

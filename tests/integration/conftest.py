@@ -27,7 +27,7 @@ from tests.servers.prefect_server import (
     prefect_server,
     prefect_worker,
 )
-from tests.servers.seaweedfs import S3Server, seaweedfs_s3
+from tests.servers.seaweedfs import S3Server
 
 MLFLOW_BUCKET = "pilamim-mlflow"
 DATA_BUCKET = "pilamim-data"
@@ -68,14 +68,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class _Topology:
-    """Starts the servers in two background threads (S3 -> PostgreSQL -> MLflow, and Prefect)
-    as soon as the first integration fixture asks, because most of each server's start-up is
-    importing Python and migrating a database: two at once nearly halve the wait. Everything
-    entered is stopped in reverse order at session end."""
+    """Starts the servers in two background threads (PostgreSQL -> MLflow, and Prefect) as
+    soon as the first integration fixture asks, because most of each server's start-up is
+    importing Python and migrating a database: two at once nearly halve the wait. S3 is the
+    session's SeaweedFS (tests/conftest.py), shared with the data and DVC suites. Everything
+    entered here is stopped in reverse order at session end."""
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> None:
+        self._s3 = s3  # the session's S3 server (tests/conftest.py), shared with other suites
         self._dirs = {name: tmp_path_factory.mktemp(name)
-                      for name in ("seaweedfs", "postgres", "mlflow", "prefect")}
+                      for name in ("postgres", "mlflow", "prefect")}
         self._stack = ExitStack()
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="server-start")
@@ -91,7 +93,7 @@ class _Topology:
         return value
 
     def _start_mlflow_chain(self) -> tuple[S3Server, PostgresServer, MlflowServer]:
-        s3 = self._enter(seaweedfs_s3(self._dirs["seaweedfs"]))
+        s3 = self._s3
         client = s3.client()
         for bucket in (MLFLOW_BUCKET, DATA_BUCKET):
             client.create_bucket(Bucket=bucket)
@@ -124,8 +126,9 @@ class _Topology:
 
 
 @pytest.fixture(scope="session")
-def _topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Topology]:
-    topology = _Topology(tmp_path_factory)
+def _topology(tmp_path_factory: pytest.TempPathFactory,
+              seaweedfs: S3Server) -> Iterator[_Topology]:
+    topology = _Topology(tmp_path_factory, seaweedfs)
     try:
         yield topology
     finally:
