@@ -179,12 +179,11 @@ def _parent_run(study: runs.Study, args: argparse.Namespace) -> Iterator[Any]:
     if not study.track:
         yield None
         return
-    from pilamim import tracking
+    from pilamim.tracking.runs import pipeline_run
 
     tags = {"fidelity.budget": study.budget, "fidelity.seeds": " ".join(map(str, args.seeds)),
             "fidelity.fingerprint": study.fingerprint, "fidelity.command": study.command}
-    with tracking.pipeline_run(study.params, run_name="fidelity-study",
-                               extra_tags=tags) as parent:
+    with pipeline_run(study.params, run_name="fidelity-study", extra_tags=tags) as parent:
         yield parent
 
 

@@ -176,13 +176,12 @@ def _tracked(study: Study, params: Params, name: str, entry: str, seed: int,
     if not study.track:
         yield None
         return
-    from pilamim import tracking
+    from pilamim.tracking.runs import stage_run
 
     tags = {"fidelity.entry": entry, "fidelity.seed": seed, "fidelity.budget": study.budget,
             "fidelity.cached": str(cached).lower(), "fidelity.fingerprint": study.fingerprint}
-    with tracking.stage_run(name, params, groups=TRACKED_GROUPS, extra_tags=tags,
-                            dataset_digest=study.prepared.digest,
-                            log_system_metrics=not cached) as child:
+    with stage_run(name, params, groups=TRACKED_GROUPS, extra_tags=tags,
+                   dataset_digest=study.prepared.digest, log_system_metrics=not cached) as child:
         yield child
 
 
