@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pilamim.callbacks import Logger
-from pilamim.io import OutputBatch, atomic_write, atomic_write_json
+from pilamim.io import OutputBatch, atomic_write
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
@@ -90,10 +90,6 @@ def save_confusion_matrix_png(matrix: Sequence[Sequence[int]] | Tensor, classes:
     fig.tight_layout()
     write = (batch.write if batch is not None else atomic_write)
     return write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def write_metrics_json(path: str | Path, metrics: dict[str, Any]) -> Path:
-    return atomic_write_json(path, metrics)
 
 
 def summary_scalars(result: dict) -> dict[str, Any]:

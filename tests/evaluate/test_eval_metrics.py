@@ -7,8 +7,8 @@ from pilamim.evaluate.metrics import (
     classification_metrics,
     save_confusion_matrix_png,
     topk_accuracy,
-    write_metrics_json,
 )
+from pilamim.io import atomic_write_json
 
 
 def test_hand_made_logits_give_exact_metrics():
@@ -48,6 +48,6 @@ def test_shape_mismatch_is_an_error():
 def test_png_and_json_written_atomically(tmp_path):
     png = save_confusion_matrix_png([[3, 1], [0, 4]], ["x", "y"], tmp_path / "fig" / "cm.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    path = write_metrics_json(tmp_path / "m.json", {"top1": 0.5, "top5": 1.0})
+    path = atomic_write_json(tmp_path / "m.json", {"top1": 0.5, "top5": 1.0})
     assert json.loads(path.read_text()) == {"top1": 0.5, "top5": 1.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig", "m.json"]  # no temp files left
