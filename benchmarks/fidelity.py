@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shlex
 import sys
 import time
@@ -156,9 +157,21 @@ def write_report(study: runs.Study, meta: dict[str, Any], started: float,
             atomic_write_json(study.out / "fidelity.json", data), png]
 
 
+def _portable(values: dict[str, Any], work: Path) -> dict[str, Any]:
+    """``values`` with the absolute work folder written as the reader's own: relative to the
+    working directory when inside it, else ``<work-dir>``. The report is committed; the
+    machine that ran it is nobody else's business."""
+    try:
+        shown = work.relative_to(Path.cwd().absolute()).as_posix()
+    except ValueError:
+        shown = "<work-dir>"
+    return json.loads(json.dumps(values).replace(str(work), shown))
+
+
 def _meta(study: runs.Study, args: argparse.Namespace, started: float) -> dict[str, Any]:
     encoder = build_encoder(study.params.model, study.prepared.channels)
     values = {g: getattr(study.params, g).model_dump(mode="json") for g in runs.TRACKED_GROUPS}
+    values = _portable(values, study.work)
     return {
         "budget": study.budget, "command": study.command, "fingerprint": study.fingerprint,
         "seeds": list(args.seeds), "overrides": list(args.set), "params": values,

@@ -42,6 +42,10 @@ def test_micro_study_end_to_end_report_tracking_and_resume(tmp_path, capsys):
 
     md = (out / "fidelity.md").read_text()
     assert "python -m benchmarks.fidelity " + " ".join(args) in md
+    # the params it shows name no folder of the machine that ran it (only the command does)
+    for text in (md, (out / "fidelity.json").read_text()):
+        assert f"{work}/data" not in text and f"{work}/runs" not in text
+    assert "<work-dir>/data/prepared" in md
     header = ["entry", "seeds", *stats.METRICS.values()]
     summary = _table_rows(md, "| entry | seeds |")
     assert summary[0] == header
