@@ -129,3 +129,22 @@ def encoder_dir(tmp_path) -> Path:
 def params() -> Params:
     """Default params; their relative paths resolve inside tmp_path (the cwd)."""
     return Params()
+
+
+def wait_until_up(proc, url: str, log_path: Path, what: str, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log tail if ``proc`` exits or
+    ``timeout_s`` passes."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.5)

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from pilamim.registry import store
 from pilamim.stages import register as register_step
 from pilamim.tracking import runs, server
-from tests.mlflow_store import FEATURE_DIM, free_port, write_metrics, write_prepared
+from tests.mlflow_store import FEATURE_DIM, free_port, wait_until_up, write_metrics, write_prepared
 
 LOAD_SCRIPT = """
 import sys, mlflow, numpy as np
@@ -44,18 +43,7 @@ def mlflow_server(tmp_path, empty_store):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail("mlflow server did not start:\n"
-                            + (tmp_path / "server" / "log.txt").read_text()[-3000:])
-            time.sleep(0.5)
+        wait_until_up(proc, f"{uri}/health", tmp_path / "server" / "log.txt", "mlflow server", 90)
         yield uri, lambda: _stop(proc)
     finally:
         _stop(proc)

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ from PIL import Image
 from pilamim.data import transforms
 from pilamim.registry import embedder as emb
 from pilamim.stages import register as register_step
-from tests.mlflow_store import FEATURE_DIM, free_port, write_metrics, write_prepared
+from tests.mlflow_store import FEATURE_DIM, free_port, wait_until_up, write_metrics, write_prepared
 
 MEAN, STD = [0.286], [0.353]      # export_tiny_encoder's
 GREY_LEVEL = 1 / 255 / STD[0]     # one pixel value, in normalised units
@@ -187,18 +186,7 @@ def test_champion_serves_raw_pixels_like_the_torch_encoder(tmp_path, params, enc
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/ping", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail("mlflow models serve did not start:\n"
-                            + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
+        wait_until_up(proc, f"{url}/ping", tmp_path / "serve.log", "mlflow models serve", 120)
 
         def invoke(images) -> requests.Response:
             return requests.post(f"{url}/invocations", json={"inputs": images.tolist()},
