@@ -275,6 +275,10 @@ class RegisterParams(_Strict):
     )
     floor: float = Field(0.2, ge=0.0, le=1.0,
                          description="absolute minimum of the gate metric to become champion")
+    turn_timeout_s: float = Field(
+        600.0, gt=0.0, description="registers of one model decide in version order; wait at "
+        "most this long for an earlier version's register (another worker) to decide"
+    )
     encoder_dir: str = "models/pretrain"
     probe_metrics: str = "metrics/probe.json"
     finetune_metrics: str = "metrics/finetune.json"

@@ -23,8 +23,8 @@ from pilamim.registry.store import (
     TAG_ENCODER_URI,
     TAG_PROTOCOL,
     apply_decision,
+    await_turn,
     get_alias,
-    mark_abandoned,
     register_version,
     version_metrics,
     version_with_weights,
@@ -67,7 +67,6 @@ def register_encoder(params: Params, inputs: RegisterInputs, run_id: str,
     client = MlflowClient()
     datasets.log_dataset_input(rp.data_dir, context="registration")
     mlflow.log_metrics(inputs.metrics)
-    champion = get_alias(client, rp.model_name, CHAMPION)
     version = version_with_weights(client, rp.model_name, inputs.encoder_sha256)
     decided = version is not None and (version.tags or {}).get("decision") in (CHAMPION,
                                                                                CHALLENGER)
@@ -83,7 +82,10 @@ def register_encoder(params: Params, inputs: RegisterInputs, run_id: str,
         })
     else:  # same weights: this evaluation becomes the version's (protocols may have changed)
         refresh_evaluation(client, rp.model_name, str(version.version), inputs)
-    abandoned = mark_abandoned(client, rp.model_name, keep=str(version.version))
+    # In turn with every register of this model name, wherever it runs: read the champion,
+    # decide and move the alias only after all earlier versions have (store.await_turn).
+    abandoned = await_turn(client, rp.model_name, version.version, rp.turn_timeout_s)
+    champion = get_alias(client, rp.model_name, CHAMPION)
     if decided:
         tags = version.tags or {}
         decision = Decision(tags["decision"], f"same weights as version {version.version} "

@@ -9,6 +9,7 @@ hand, list. The register stage (:mod:`pilamim.stages.register`) uses them; so do
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pilamim.registry.promotion import CHAMPION, Decision
-from pilamim.tracking import server
+from pilamim.tracking import owners, server
 
 METRIC_TAG_PREFIX = "metric."
 # Version tags that say what a version is and what its numbers were measured on.
@@ -27,7 +28,6 @@ TAG_DATA_DIGEST = "data_digest"
 # The registered model is the raw-image embedder; this tag holds its PyTorch-flavour sibling.
 TAG_ENCODER_URI = "encoder_uri"
 ABANDONED = "abandoned"
-
 
 
 class RegistryError(LookupError):
@@ -89,12 +89,16 @@ def get_alias(client: MlflowClient, name: str, alias: str = CHAMPION):
 
 def apply_decision(client: MlflowClient, name: str, version: str | int,
                    decision: Decision) -> None:
-    """Point alias ``decision.action`` at ``version``; record decision + reason as its tags."""
+    """Point alias ``decision.action`` at ``version``; record decision + reason as its tags.
+
+    The ``decision`` tag is written last: it tells registers waiting in turn
+    (:func:`await_turn`) that this version's alias move is done.
+    """
     version = str(version)
     client.set_registered_model_alias(name, decision.action, version)
-    client.set_model_version_tag(name, version, "decision", decision.action)
     client.set_model_version_tag(name, version, "decision_reason", decision.reason)
     client.set_model_version_tag(name, version, "gate_metric", decision.gate_metric)
+    client.set_model_version_tag(name, version, "decision", decision.action)
 
 
 def _existing_versions(client: MlflowClient, name: str) -> list[str]:
@@ -179,26 +183,69 @@ def version_with_weights(client: MlflowClient, name: str, sha: str):
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
-def mark_abandoned(client: MlflowClient, name: str, keep: str) -> list[str]:
-    """Tag versions left without a decision by a killed ``register`` as abandoned.
+class RegistryBusy(TimeoutError):
+    """An earlier version's register did not reach its gate decision in time."""
 
-    Only versions whose registering run has ended (a killed one is closed by
-    :func:`pilamim.tracking.owners.close_orphaned_runs`) are touched: a register still running
-    elsewhere owns its version.
+
+def await_turn(client: MlflowClient, name: str, version: str | int, timeout_s: float,
+               poll_s: float = 0.5) -> list[str]:
+    """Wait until every version numbered below ``version`` has a gate decision; returns the
+    versions marked abandoned on the way.
+
+    The registry numbers versions in the order they are created, so deciding in that order
+    makes concurrent registers (several workers against one tracking server, whatever the
+    entrance) act as if they ran one after the other: each reads the champion only after the
+    one before it has moved the alias, and ``@champion`` cannot end on a worse version because
+    two registers read the same old champion. The wait is short, as model logging happens
+    before a version exists; only the read, the decision and the alias move are in turn.
+
+    A version without a decision whose registering run has ended (a killed ``register``: its
+    run is closed by :func:`pilamim.tracking.owners.close_orphaned_runs`) is tagged abandoned
+    and no longer waited for; so is one with no run. A register still running elsewhere is
+    waited for up to ``timeout_s``, then :class:`RegistryBusy` names it.
     """
-    marked = []
-    for v in client.search_model_versions(f"name = '{name}'"):
-        if str(v.version) == keep or (v.tags or {}).get("decision"):
-            continue
-        try:
-            running = client.get_run(v.run_id).info.status == "RUNNING" if v.run_id else False
-        except MlflowException:
-            running = False
-        if running:
-            continue
-        client.set_model_version_tag(name, str(v.version), "decision", ABANDONED)
-        client.set_model_version_tag(name, str(v.version), "decision_reason",
-                                     "its `pilamim register` stopped before the gate ran; "
-                                     f"version {keep} was registered after it")
-        marked.append(str(v.version))
-    return marked
+    mine = int(version)
+    deadline = time.monotonic() + timeout_s
+    abandoned: list[str] = []
+    while True:
+        pending = []
+        for v in client.search_model_versions(f"name = '{name}'"):
+            if int(v.version) == mine or (v.tags or {}).get("decision"):
+                continue
+            if not _register_running(client, v.run_id):
+                _mark_abandoned(client, name, str(v.version), keep=str(mine))
+                abandoned.append(str(v.version))
+            elif int(v.version) < mine:
+                pending.append(v)
+        if not pending:
+            return sorted(abandoned, key=int)
+        if time.monotonic() > deadline:
+            first = min(pending, key=lambda v: int(v.version))
+            raise RegistryBusy(
+                f"version {first.version} of {name!r} has waited for its promotion gate for "
+                f"over {timeout_s:.0f} s (its register run {first.run_id} is still RUNNING), "
+                f"and version {mine} decides after it. If that register died, end its run "
+                f"(MLflow UI, or `mlflow runs` / MlflowClient().set_terminated) and rerun "
+                f"`pilamim register`: the version is kept and gated then; or raise "
+                f"register.turn_timeout_s")
+        time.sleep(poll_s)
+
+
+def _register_running(client: MlflowClient, run_id: str | None) -> bool:
+    """Whether a version's registering run may still decide it: RUNNING, and not owned by a
+    process of this host that is gone (:func:`pilamim.tracking.owners.owner_alive`)."""
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    owner = run.data.tags.get(owners.TAG_OWNER)
+    return run.info.status == "RUNNING" and (owner is None or owners.owner_alive(owner))
+
+
+def _mark_abandoned(client: MlflowClient, name: str, version: str, keep: str) -> None:
+    client.set_model_version_tag(name, version, "decision_reason",
+                                 "its `pilamim register` stopped before the gate ran "
+                                 f"(found by the register of version {keep})")
+    client.set_model_version_tag(name, version, "decision", ABANDONED)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import pytest
 from pilamim.registry import store
 from pilamim.stages import register as register_step
 from pilamim.tracking import runs, server
-from tests.mlflow_store import FEATURE_DIM, free_port, wait_until_up, write_metrics, write_prepared
+from tests.mlflow_store import FEATURE_DIM, write_metrics, write_prepared
 
 LOAD_SCRIPT = """
 import sys, mlflow, numpy as np
@@ -24,42 +22,6 @@ model = mlflow.pyfunc.load_model(sys.argv[1])
 out = model.predict(np.zeros((3, 16, 16, 1), np.uint8))    # raw pixels, as PIL/numpy give
 print("SHAPE", out.shape[0], out.shape[1])
 """
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, empty_store):
-    """`mlflow server` on 127.0.0.1:<free port>, stopped (its whole process group) afterwards."""
-    db = tmp_path / "server" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(empty_store, db)
-    port = free_port()
-    log = open(tmp_path / "server" / "log.txt", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
-         "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(proc, f"{uri}/health", tmp_path / "server" / "log.txt", "mlflow server", 90)
-        yield uri, lambda: _stop(proc)
-    finally:
-        _stop(proc)
-        log.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn workers included), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.mark.slow
