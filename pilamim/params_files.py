@@ -94,9 +94,10 @@ def validate_group(group: str, raw: dict[str, Any], source: str | None = None,
 def load_params(params_dir: str | Path = "params", overrides: list[str] | None = None) -> Params:
     """Read ``<params_dir>/<group>.yaml`` for every group; each must exist.
 
-    A missing file is an error, not "defaults": the code's defaults are not the shipped
-    files' values, and a run that silently used them would differ from what the folder says.
-    A file holding ``{}`` asks for the code's defaults explicitly.
+    A missing file is an error, not "defaults": a folder that lost a file (a typo in
+    ``--params``, a half-copied preset) would otherwise run on values nobody chose for it.
+    A file holding ``{}`` asks for the code's defaults (the shipped ``params/`` values)
+    explicitly.
     """
     root = Path(params_dir)
     if not root.is_dir():

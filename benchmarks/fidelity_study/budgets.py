@@ -53,9 +53,9 @@ BUDGET_NOTES: dict[str, str] = {
              "mean nothing (13 pretraining steps of a 32-wide ViT, 60 test images).",
     "cpu": "Exactly the embedded default (`params/`, what `pilamim run` trains): a 4-block, "
            "128-wide ViT with 1-block 64-wide decoders, 24 epochs at batch 256 (768 steps) on "
-           "the 8,400 training images, base lr `auto` (1.5e-3), no crop or flip; fine-tune 12 "
-           "epochs. How that recipe was found, with every measurement: README, 'Why the "
-           "default recipe is not the paper's', and docs/METHOD.md. Two single-threaded "
+           "the 8,400 training images, base lr `auto` (1.5e-3), no crop or flip; fine-tune 20 "
+           "epochs. How that recipe was found, with every measurement: docs/METHOD.md, "
+           "'How the embedded recipe was measured'. Two single-threaded "
            "worker processes, one per core (small models gain little from a second thread "
            "and lose badly when the cores are shared).",
     "gpu": "ViT-S (`small`, 384 wide, 12 blocks) at 28 px with 4-block, 256-wide decoders, "
