@@ -21,10 +21,18 @@ overwrote the only backup. Now nothing is moved until a run has finished:
 Keying by recipe rather than "keep the old one until the new one saved once" is what makes
 every recipe resumable (not only the last two) and needs no bookkeeping file: the name says
 whose state it is.
+
+``epochs`` is not part of the recipe (a run may be continued to more epochs), so a recipe's
+checkpoint can have trained past a rerun's ``epochs``. :func:`find_resume` refuses it
+(:class:`CheckpointAheadError`) rather than export it as the shorter run; a shorter run cannot
+get a checkpoint of its own either: its key would be the longer run's. Each checkpoint also
+stores the run's :class:`Schedule` (the lr it started with), so continuing to more epochs does
+not re-resolve ``base_lr: auto`` from the new length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +54,54 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read (torn copy, foreign file): the message says which."""
 
 
+class CheckpointAheadError(RuntimeError):
+    """This recipe's checkpoint has trained past the requested ``epochs``: there is nothing left
+    to train, and exporting it would record a shorter run than the encoder had."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The lr schedule a run trains under, fixed when it starts from step 0 and stored in each
+    of its checkpoints, so a resume reads it back instead of resolving it again.
+
+    ``base_lr: auto`` depends on the run's total steps (:mod:`pilamim.recipes`): resolved again
+    on a resume to more epochs, it would change the peak lr of a run halfway through. So
+    ``base_lr``, ``peak_lr`` and ``warmup_steps`` are the values resolved at the first start;
+    ``started_epochs`` is the length they were resolved for (None: the checkpoint predates
+    stored schedules), ``epochs`` the length the lr and EMA curves span now, and ``changes``
+    each resume that changed it (``at_step``, ``from_epochs``, ``to_epochs``). How the curves
+    follow a changed length: :func:`pilamim.train.loop.run_schedule`.
+    """
+
+    base_lr: float
+    peak_lr: float
+    warmup_steps: int
+    started_epochs: int | None
+    epochs: int
+    changes: tuple[dict[str, int], ...] = ()
+
+    def resized(self, epochs: int, at_step: int) -> Schedule:
+        """This schedule continued at ``at_step`` to ``epochs`` (itself if that is its length):
+        the lrs stay, the change is recorded."""
+        if epochs == self.epochs:
+            return self
+        change = {"at_step": at_step, "from_epochs": self.epochs, "to_epochs": epochs}
+        return dataclasses.replace(self, epochs=epochs, changes=(*self.changes, change))
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain values only (``torch.load(weights_only=True)`` and JSON read them)."""
+        state = dataclasses.asdict(self)
+        state["changes"] = [dict(c) for c in self.changes]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Schedule:
+        return cls(base_lr=float(state["base_lr"]), peak_lr=float(state["peak_lr"]),
+                   warmup_steps=int(state["warmup_steps"]),
+                   started_epochs=state["started_epochs"], epochs=int(state["epochs"]),
+                   changes=tuple(dict(c) for c in state["changes"]))
+
+
 def recipe_key(meta: dict[str, Any]) -> str:
     """A short stable hash of a run's meta: equal metas, equal keys (hence one file each)."""
     text = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
@@ -58,7 +114,8 @@ def recipe_checkpoint(out_dir: str | Path, meta: dict[str, Any]) -> Path:
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, mask_generator: torch.Generator, meta: dict[str, Any]) -> Path:
+                    step: int, mask_generator: torch.Generator, meta: dict[str, Any],
+                    schedule: Schedule) -> Path:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -66,6 +123,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
         "mask_generator": mask_generator.get_state(),
         "cpu_rng": torch.get_rng_state(),
         "meta": meta,
+        "schedule": schedule.to_state(),
     }
     return atomic_torch_save(state, path)
 
@@ -93,7 +151,8 @@ def stale_reason(saved_meta: dict[str, Any], meta: dict[str, Any]) -> str | None
     """Why a checkpoint cannot continue this run (model, data or recipe changed), else None.
 
     Only ``epochs`` and bookkeeping may change between a run and its resume: a longer run
-    continues from the checkpoint, anything else is a new experiment.
+    continues from the checkpoint (one already past the new ``epochs`` is refused by
+    :func:`find_resume`), anything else is a new experiment.
     """
     changed = [k for k in meta if saved_meta.get(k) != meta[k]]
     if not changed:
@@ -116,10 +175,14 @@ class Resume:
 
 
 def find_resume(out_dir: str | Path, meta: dict[str, Any], device: torch.device | str,
-                *, mmap: bool = False) -> Resume:
+                *, epochs: int, steps_per_epoch: int, mmap: bool = False) -> Resume:
     """``checkpoint.pt`` if it is this recipe's, else this recipe's own kept checkpoint, else a
     fresh start: in ``checkpoint.pt`` when there is none, beside it when it belongs to another
-    recipe (so that one is untouched until this run completes)."""
+    recipe (so that one is untouched until this run completes).
+
+    A checkpoint of this recipe that has trained more than ``epochs`` is a
+    :class:`CheckpointAheadError`, raised before anything is written.
+    """
     out_dir = Path(out_dir)
     canonical = out_dir / CHECKPOINT
     other_reason = other_meta = None
@@ -127,6 +190,7 @@ def find_resume(out_dir: str | Path, meta: dict[str, Any], device: torch.device 
         state = load_checkpoint(canonical, device, mmap=mmap)
         other_reason = stale_reason(state["meta"], meta)
         if other_reason is None:
+            check_not_past_end(canonical, int(state["step"]), epochs, steps_per_epoch)
             return Resume(canonical, state, None, None)
         other_meta = state["meta"]
         del state  # on a GPU: free it before loading the next one
@@ -134,8 +198,29 @@ def find_resume(out_dir: str | Path, meta: dict[str, Any], device: torch.device 
     if own.exists():
         state = load_checkpoint(own, device, mmap=mmap)
         if stale_reason(state["meta"], meta) is None:
+            check_not_past_end(own, int(state["step"]), epochs, steps_per_epoch)
             return Resume(own, state, other_reason, other_meta)
     return Resume(own if canonical.exists() else canonical, None, other_reason, other_meta)
+
+
+def check_not_past_end(path: Path, step: int, epochs: int, steps_per_epoch: int) -> None:
+    """Refuse a checkpoint at ``step`` for a run of ``epochs``: past the end it is not that run
+    (its encoder trained longer), and treating the shorter run as a recipe of its own cannot
+    work (``epochs`` is not in the recipe key, so it would share the longer run's file). The
+    message says what to do; the checkpoint and every output stay as they are."""
+    total = epochs * steps_per_epoch
+    if step <= total:
+        return
+    trained = (f"{step // steps_per_epoch}" if step % steps_per_epoch == 0
+               else f"{step / steps_per_epoch:.2f}")
+    raise CheckpointAheadError(
+        f"{path} has trained {trained} {'epoch' if trained == '1' else 'epochs'} ({step} steps) "
+        f"of this recipe, past the requested pretrain.epochs={epochs} ({total} steps); nothing "
+        "was trained, exported or changed. To export or continue that run, set pretrain.epochs to "
+        f"{-(-step // steps_per_epoch)} or more. To train {epochs} "
+        f"{'epoch' if epochs == 1 else 'epochs'} from step 0 instead, move that checkpoint out "
+        f"of the way (mv '{path}' '{path}.{step}-steps') or delete it, or change the recipe "
+        "(e.g. pretrain.seed): a changed recipe trains in a checkpoint of its own")
 
 
 def stage_promotion(resume: Resume, out_dir: str | Path, batch: OutputBatch) -> None:

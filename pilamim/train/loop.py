@@ -7,6 +7,12 @@ promotion, encoder, metrics JSON last) is one :class:`OutputBatch`: all of it ap
 Which checkpoint a run resumes: :mod:`pilamim.train.checkpoint`; what watches the run learn
 (loss means, the kNN monitor, reconstruction figures, final val losses):
 :mod:`pilamim.train.monitors`.
+
+A rerun may change ``epochs``. A checkpoint already past the new end is refused (nothing is
+trained or written: :func:`pilamim.train.checkpoint.check_not_past_end`); otherwise the run
+continues to the new end at the lr it started with, its lr and EMA curves recomputed over the
+new length (:func:`run_schedule` says how and why), and ``metrics/pretrain.json`` records the
+change.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pilamim.recipes import resolve_crop_scale
 from pilamim.train.checkpoint import (
     CHECKPOINT,
     Resume,
+    Schedule,
     find_resume,
     prune_recipe_checkpoints,
     save_checkpoint,
@@ -54,6 +61,8 @@ class NonFiniteLossError(RuntimeError):
 
 # Pretrain params that do not change what the checkpoint's state means (precision, compile and
 # input_pipeline change rounding or resampling, not the recipe: a run may resume across them).
+# ``epochs`` too: a run may be continued to more (find_resume refuses a checkpoint past the
+# requested end; the checkpoint's Schedule keeps the lr the run started with).
 _BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "knn_plots_path",
                 "device",
                 "checkpoint_every_steps", "log_every_steps", "figure_every_epochs",
@@ -77,10 +86,10 @@ def resume_step(params: Params) -> int:
     """
     p = params.pretrain
     prepared = load_prepared(p.data_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    meta = _meta(params, prepared.channels, p.batch_size * p.accum_steps * world,
-                 prepared.digest)
-    return find_resume(p.out_dir, meta, "cpu", mmap=True).step
+    plan = Plan(params, len(prepared.split("train")), int(os.environ.get("WORLD_SIZE", "1")))
+    meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
+    return find_resume(p.out_dir, meta, "cpu", epochs=p.epochs,
+                       steps_per_epoch=plan.steps_per_epoch, mmap=True).step
 
 
 def pretrain(params: Params, logger: Logger | None = None) -> dict[str, Any]:
@@ -114,6 +123,10 @@ class Run:
     mask_gen: torch.Generator
     meta: dict[str, Any]
     resume: Resume  # its ``path`` is the checkpoint this run writes
+    schedule: Schedule  # the lrs it trains at (``plan`` uses them) and every change of length
+    # The schedule's length changed at this resume and no checkpoint holds that yet: saved at
+    # the end even if no step is left to train, so checkpoint and metrics agree.
+    schedule_unsaved: bool = False
     step: int = 0
     last_saved: int = 0
     # Model FLOPs per image of one step, and one device's peak FLOP/s (None: unknown, no MFU):
@@ -147,7 +160,7 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
             run_monitors(monitors, run.model, epoch, run.step, meter, logger)
     finally:
         progress.close()
-    if run.step != run.last_saved:
+    if run.step != run.last_saved or run.schedule_unsaved:
         checkpoint(run)
     barrier(info)
     return export_outputs(run, wall_time_s=time.perf_counter() - t_start)
@@ -169,11 +182,54 @@ def setup_run(params: Params, info: DistInfo) -> Run:
     model, optimizer, plan, mask_gen = build_training(
         params, prepared.channels, len(train_input.dataset), info, device)
     meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
+    resume = find_resume(Path(p.out_dir), meta, device, epochs=p.epochs,
+                         steps_per_epoch=plan.steps_per_epoch)
+    schedule = run_schedule(plan, p.epochs, resume)
+    _use_schedule(plan, schedule)
     return Run(params, info, device, prepared, crop_scale, train_input, model, optimizer, plan,
-               mask_gen, meta, find_resume(Path(p.out_dir), meta, device),
+               mask_gen, meta, resume, schedule,
+               schedule_unsaved=_saved_schedule(resume) not in (None, schedule),
                flops_per_image=step_flops_per_image(params.model, prepared.channels,
                                                     model.patch_matmul),
                peak_flops=peak_flops(device))
+
+
+def run_schedule(plan: Plan, epochs: int, resume: Resume) -> Schedule:
+    """The schedule this run trains under: its checkpoint's, continued to ``epochs``; resolved
+    from ``plan`` when the run starts from step 0 (or its checkpoint predates stored schedules).
+
+    What a changed ``epochs`` does, on purpose: ``base_lr``, ``peak_lr`` and ``warmup_steps``
+    stay the stored ones (``base_lr: auto`` is not resolved again from the new length), and
+    the cosine lr and the linear EMA momentum ramp are *recomputed* over the new total steps
+    (``Plan.lr`` and ``Plan.momentum`` are functions of the step and the total only). From the
+    resume step on, the run follows the curves of a run planned to the new length from the
+    start, at the peak lr it started with. Extending a finished run thus raises the lr from
+    ``min_lr`` to that curve's value at the resume step (a warm restart, as MAE's resume with a
+    larger ``--epochs``) and lowers the momentum below its end value, so the target follows the
+    encoder again. Not a stretched tail from the resume point: a finished run's tail sits at
+    ``min_lr`` (0 by default) and the momentum at its end (1: a frozen target), so a stretched
+    tail would train nothing; and a curve of the step and total alone needs no record of where
+    it was stretched for an interrupted extension to resume to the same weights.
+    """
+    saved = _saved_schedule(resume)
+    if saved is not None:
+        return saved.resized(epochs, resume.step)
+    return Schedule(base_lr=plan.base_lr, peak_lr=plan.peak_lr, warmup_steps=plan.warmup_steps,
+                    started_epochs=epochs if resume.state is None else None, epochs=epochs)
+
+
+def _saved_schedule(resume: Resume) -> Schedule | None:
+    """The schedule stored in the checkpoint a run continues (None: none, or it predates it)."""
+    if resume.state is None or "schedule" not in resume.state:
+        return None
+    return Schedule.from_state(resume.state["schedule"])
+
+
+def _use_schedule(plan: Plan, schedule: Schedule) -> None:
+    """Make ``plan`` step at the schedule's stored lrs (its total steps are already the
+    requested epochs': :func:`run_schedule` says why the curves are recomputed over them)."""
+    plan.base_lr, plan.peak_lr = schedule.base_lr, schedule.peak_lr
+    plan.warmup_steps = schedule.warmup_steps
 
 
 def resume_run(run: Run) -> None:
@@ -181,7 +237,7 @@ def resume_run(run: Run) -> None:
     memory; rank 0 says what it continues and prunes other recipes' checkpoints."""
     barrier(run.info)  # every rank has read its state before rank 0 deletes anything
     if run.info.is_main:
-        _announce(run.resume, run.out_dir, run.plan.total_steps)
+        _announce(run)
         if run.resume.path.name != CHECKPOINT:
             prune_recipe_checkpoints(run.out_dir, protect=run.resume.path)
     run.step = run.last_saved = run.resume.step
@@ -270,16 +326,26 @@ def checkpoint(run: Run) -> None:
     """Rank 0 saves the run at its current step; every rank notes that step as saved."""
     if run.info.is_main:
         save_checkpoint(run.resume.path, model=run.model, optimizer=run.optimizer, step=run.step,
-                        mask_generator=run.mask_gen, meta=run.meta)
+                        mask_generator=run.mask_gen, meta=run.meta, schedule=run.schedule)
     run.last_saved = run.step
+    run.schedule_unsaved = False
 
 
 def export_outputs(run: Run, wall_time_s: float) -> dict[str, Any]:
     """The run's summary; rank 0 adds the val losses and commits checkpoint, encoder and
-    metrics JSON together (:func:`_commit_outputs`)."""
+    metrics JSON together (:func:`_commit_outputs`).
+
+    ``epochs`` and ``steps`` are what the exported encoder trained; ``base_lr``, ``peak_lr``
+    and ``warmup_steps`` what it trained at; ``started_epochs`` the length the run started
+    with (null: its checkpoint predates stored schedules), ``schedule_changes`` each resume that
+    changed the length (:class:`pilamim.train.checkpoint.Schedule`).
+    """
     p, plan = run.params.pretrain, run.plan
+    _check_trained_as_requested(run)
     summary = {"steps": run.step, "epochs": p.epochs, "global_batch": plan.global_batch,
                "base_lr": plan.base_lr, "peak_lr": plan.peak_lr,
+               "warmup_steps": plan.warmup_steps, "started_epochs": run.schedule.started_epochs,
+               "schedule_changes": [dict(c) for c in run.schedule.changes],
                "crop_scale_min": run.crop_scale[0], "world_size": run.info.world,
                "preset": run.params.model.preset, "train_images": len(run.train_set),
                "wall_time_s": wall_time_s, "dataset_digest": run.prepared.digest}
@@ -297,14 +363,41 @@ def _restore(state: dict[str, Any], model: PiLaMIM, optimizer: torch.optim.Optim
     torch.set_rng_state(state["cpu_rng"].cpu())
 
 
-def _announce(resume: Resume, out_dir: Path, total_steps: int) -> None:
-    """Say which checkpoint this run continues, and that a recipe change moved nothing."""
+def _check_trained_as_requested(run: Run) -> None:
+    """``metrics/pretrain.json`` records ``pretrain.epochs``: it must be what the encoder
+    trained (find_resume refuses a checkpoint past the end; this keeps any other path out)."""
+    if run.step != run.plan.total_steps:
+        raise RuntimeError(
+            f"the run stopped at step {run.step}, not at the {run.plan.total_steps} steps of "
+            f"pretrain.epochs={run.params.pretrain.epochs}; nothing was exported")
+
+
+def _announce(run: Run) -> None:
+    """Say which checkpoint this run continues, that a recipe change moved nothing, and what a
+    changed length does to the lr and EMA schedules."""
+    resume, plan, schedule = run.resume, run.plan, run.schedule
     if resume.other_reason:
-        print(f"{out_dir / CHECKPOINT} belongs to other settings ({resume.other_reason}); it "
-              f"stays as it is, and this recipe trains in {resume.path}, which replaces it "
+        print(f"{run.out_dir / CHECKPOINT} belongs to other settings ({resume.other_reason}); "
+              f"it stays as it is, and this recipe trains in {resume.path}, which replaces it "
               "only when this run completes")
     if resume.step:
-        print(f"resuming from {resume.path} at step {resume.step}/{total_steps}")
+        print(f"resuming from {resume.path} at step {resume.step}/{plan.total_steps}")
+    p = run.params.pretrain
+    if resume.state is not None and "schedule" not in resume.state and p.base_lr == "auto" \
+            and p.lr is None:
+        print(f"{resume.path} stores no schedule (written before schedules were stored): "
+              f"base_lr 'auto' is resolved from the requested {p.epochs} epochs "
+              f"({plan.base_lr:.4g}, peak lr {plan.peak_lr:.4g}), the lr it trained at only if "
+              f"it was started with {p.epochs} epochs; its checkpoint keeps this lr from now on")
+    if run.schedule_unsaved:
+        change = schedule.changes[-1]
+        longer = change["to_epochs"] > change["from_epochs"]
+        print(f"schedule {'extended' if longer else 'shortened'} from {change['from_epochs']} "
+              f"to {change['to_epochs']} epochs at step "
+              f"{resume.step}: the warm-up ({plan.warmup_steps} steps) + cosine lr and the EMA "
+              f"momentum ramp are recomputed over {plan.total_steps} steps (next: lr "
+              f"{plan.lr(resume.step):.4g}, momentum {plan.momentum(resume.step):.6g}), at the "
+              f"peak lr {plan.peak_lr:.4g} (base lr {plan.base_lr:.4g}) the run started with")
 
 
 def _commit_outputs(model: PiLaMIM, resume: Resume, prepared: PreparedDataset, params: Params,
