@@ -4,6 +4,9 @@ hadolint lints the Dockerfile; the Compose files are validated against the Compo
 specification's JSON schema and then read with PyYAML to check what the schema cannot: the
 six services, health checks, loopback-only ports, wiring by environment variables between
 the services, named volumes, start-up order, and that no credential is written down.
+What the image's /workspace holds, and whether DVC can do its bookkeeping there, text cannot
+show: tests/integration/test_image_layout.py rebuilds the layout from the Dockerfile and runs
+stages in it.
 """
 
 from __future__ import annotations
