@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pilamim.io import atomic_write_json
+
+# A folder named by whoever started torchrun (the Prefect flow): each rank says there where it ran.
+ENV_PLACEMENT_DIR = "PILAMIM_PLACEMENT_DIR"
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,29 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def report_placement() -> Path | None:
+    """Write ``rank-<RANK>.json`` (global, node and local rank, world size, restart count) into
+    the folder ``PILAMIM_PLACEMENT_DIR`` names, if it names one; returns the file.
+
+    torchrun hands out node ranks at rendezvous, and only the processes it starts see them (in
+    their environment): the process that started torchrun cannot tell whether its node got
+    global rank 0, the rank that writes the metrics. This file tells it.
+    """
+    folder = os.environ.get(ENV_PLACEMENT_DIR)
+    if not folder:
+        return None
+    env = os.environ
+    placement = {"rank": int(env.get("RANK", "0")), "node_rank": int(env.get("GROUP_RANK", "0")),
+                 "local_rank": int(env.get("LOCAL_RANK", "0")),
+                 "world_size": int(env.get("WORLD_SIZE", "1")),
+                 "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    return atomic_write_json(Path(folder) / f"rank-{placement['rank']}.json", placement)
+
+
 def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group torchrun described (nccl on CUDA, gloo on CPU), if any."""
+    """Join the process group torchrun described (nccl on CUDA, gloo on CPU), if any; first
+    say where this rank runs, if asked (:func:`report_placement`)."""
+    report_placement()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
