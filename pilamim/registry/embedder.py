@@ -4,11 +4,11 @@ This is the model the registry versions (``models:/<name>@champion``), so
 ``mlflow models serve -m models:/pilamim-encoder@champion`` takes pixels as PIL/numpy give them
 and the caller never needs our mean/std. Logged by
 :func:`pilamim.registry.model_logging.log_encoder_model` as a "model from code": MLflow copies
-this file into the model and runs it at load time, so it must stay self-contained (numpy,
-torch, timm, safetensors and mlflow only; no ``pilamim`` imports). The weights travel as the
-model's artifacts ``encoder_weights`` (``encoder.safetensors``) and ``encoder_config``
-(``encoder.json``: ``model_name``, ``kwargs``, ``feature_dim``, ``mean``, ``std``, ``img_size``,
-``in_chans``) — no pickle involved.
+this file into the model and runs it at load time, so it stores no pickle and must stay
+self-contained (numpy, PIL, torch, torchvision, timm, safetensors and mlflow only; no
+``pilamim`` imports). The weights travel as the model's artifacts ``encoder_weights``
+(``encoder.safetensors``) and ``encoder_config`` (``encoder.json``: ``model_name``, ``kwargs``,
+``feature_dim``, ``mean``, ``std``, ``img_size``, ``in_chans``) — no pickle involved.
 
 Input: integer pixels in 0..255 (``uint8`` as ``np.asarray(pil_image)`` gives them; any integer
 dtype is cast after a range check), shaped ``(N, H, W, C)``; ``(N, H, W)`` (grayscale) is taken
@@ -16,34 +16,33 @@ as C = 1. The model's signature declares ``uint8 (-1, -1, -1, -1)``: MLflow's sc
 enforcement (``pyfunc.load_model(...).predict`` and the scoring server) checks the rank, so
 through MLflow send the 4-D form — ``np.stack(images)[..., None]`` for grayscale; the scoring
 server parses JSON ``{"inputs": [...nested lists...]}`` straight to ``uint8`` (refusing values
-outside 0..255, but cutting fractions: this model never sees JSON floats). Every batch is
-made to look like the evaluation images (``pilamim.data.transforms.eval_transform``, whose
-numbers the registry's gate compared):
+outside 0..255, but cutting fractions: this model never sees JSON floats). Every image goes the
+way the evaluation images went (the numbers the registry's gate compared), with the same
+libraries rather than an imitation of them:
 
-1. Channels: C = 4 (RGBA) drops alpha; C = 3 -> 1 by ITU-R 601-2 luma in PIL's integer
-   arithmetic (``(19595 R + 38470 G + 7471 B + 2**15) >> 16``, exactly ``Image.convert("L")``);
-   C = 1 -> 3 repeats the channel (``Image.convert("RGB")``).
-2. Size: the shorter side is resized to ``img_size`` (``img_size / 0.875`` when ``img_size``
-   >= 64), bicubic with antialiasing (torch's, whose kernel is PIL's), width then height, each
-   pass rounded to whole pixel values as PIL's 8-bit resize does: mostly within one grey level
-   of PIL's pixels (Pillow 13 resamples some tall images height first: a few levels on some
-   pixels); then the centre ``img_size x img_size`` is cropped. Below 64 px, images already
-   at ``img_size`` are left as they are (a 28 px model takes 28 x 28 images untouched); from
-   64 px on, as in evaluation, even those are enlarged by 1 / 0.875 and centre-cropped.
-3. Scale to [0, 1], normalise with the training mean/std, run the encoder.
+1. PIL: ``Image.fromarray`` (C = 1, 3, 4: mode L, RGB, RGBA) then ``convert`` to the encoder's
+   mode (L or RGB), as the data loader converts files: RGBA drops alpha, RGB -> L is PIL's
+   ITU-R 601-2 luma, L -> RGB repeats the channel.
+2. :func:`eval_transform`, torchvision's ``Resize(shorter side, bicubic)`` (on a PIL image:
+   PIL's own bicubic resize) + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` with the training
+   mean/std — built exactly as ``pilamim.data.transforms.eval_transform`` builds it
+   (tests/registry/test_serving.py checks both build the same pipeline and give the same
+   numbers). From 64 px on, images are enlarged to ``img_size / 0.875`` and centre-cropped,
+   even those already at ``img_size``; below, images at ``img_size`` pass untouched.
+3. The encoder, in chunks of :attr:`EncoderEmbedder.batch_size`.
 
 Output: ``float32`` ``(N, feature_dim)`` — the [CLS] embedding after the final norm. Float
 input is refused (it would be normalised twice, or scaled wrongly); so are other ranks, channel
 counts and values outside 0..255, each with a ``ValueError`` saying what was expected. For the
-``nn.Module`` over already normalised ``float32`` ``(N, C, H, W)`` use the PyTorch-flavour model
-logged in the same run (version tag ``encoder_uri``). Load-time option:
-``model_config={"device": "cuda"}``.
+encoder alone, a plain timm ``nn.Module`` over already normalised ``float32`` ``(N, C, H, W)``,
+see :func:`pilamim.registry.model_logging.load_registered_encoder` (it reads this model's two
+artifacts; nothing is unpickled). Load-time option: ``model_config={"device": "cuda"}``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +53,34 @@ from mlflow.pyfunc import PythonModel
 # As pilamim.data.transforms (tests/registry/test_serving.py checks they agree).
 EVAL_CROP_RATIO = 0.875
 EVAL_RESIZE_MIN = 64
-# PIL's RGB -> L weights (ITU-R 601-2 luma) in 1/65536, rounded as Image.convert("L") does.
-LUMA_WEIGHTS = (19595, 38470, 7471)
+# The model's artifacts (pyfunc ``artifacts=`` keys) holding encoder.safetensors / .json.
+WEIGHTS_ARTIFACT = "encoder_weights"
+CONFIG_ARTIFACT = "encoder_config"
+# The PIL mode the data loader converts images to, by the encoder's input channels.
+PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def timm_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``encoder.json`` as timm's ``pretrained_cfg`` data fields, so that
+    ``timm.data.resolve_data_config(model=encoder)`` describes our evaluation input instead of
+    the architecture's ImageNet defaults (3 x 224 x 224, mean 0.5: wrong for our encoders)."""
+    size = int(config["img_size"])
+    return {"input_size": (int(config["in_chans"]), size, size),
+            "mean": tuple(config["mean"]), "std": tuple(config["std"]),
+            "interpolation": "bicubic", "crop_mode": "center",
+            "crop_pct": EVAL_CROP_RATIO if size >= EVAL_RESIZE_MIN else 1.0}
 
 
 def load_timm_encoder(weights: str | Path, config: Mapping[str, Any]):
-    """Rebuild the timm encoder from ``encoder.json`` and load ``encoder.safetensors`` strictly."""
+    """Rebuild the timm encoder from ``encoder.json`` and load ``encoder.safetensors`` strictly
+    (safetensors holds tensors only: nothing is unpickled); eval mode, on the CPU."""
     import timm
     from safetensors.torch import load_file
 
     model = timm.create_model(config["model_name"], pretrained=False, **config["kwargs"])
     model.load_state_dict(load_file(str(weights)), strict=True)
+    if "mean" in config and "std" in config:
+        model.pretrained_cfg = {**model.pretrained_cfg, **timm_data_config(config)}
     return model.eval()
 
 
@@ -93,61 +109,46 @@ def as_image_batch(images: Any) -> np.ndarray:
     return array
 
 
-def match_channels(batch: np.ndarray, in_chans: int) -> np.ndarray:
-    """``uint8`` ``(N, H, W, C)`` with C made ``in_chans`` the way PIL's ``convert`` does."""
-    if batch.shape[-1] == 4:          # RGBA: PIL's convert("RGB") / convert("L") drop alpha
-        batch = batch[..., :3]
-    chans = batch.shape[-1]
-    if chans == in_chans:
-        return batch
-    if chans == 3 and in_chans == 1:
-        rgb = batch.astype(np.int32)
-        luma = sum(rgb[..., i] * w for i, w in enumerate(LUMA_WEIGHTS)) + (1 << 15)
-        return (luma >> 16).astype(np.uint8)[..., None]
-    if chans == 1 and in_chans == 3:
-        return np.repeat(batch, 3, axis=-1)
-    raise ValueError(f"cannot make {chans}-channel images into the encoder's {in_chans}")
+def pil_mode(in_chans: int) -> str:
+    """The PIL mode of the encoder's input (L or RGB), as the data loader converts to."""
+    if in_chans not in PIL_MODES:
+        raise ValueError(f"no PIL mode for an encoder taking {in_chans} channels (1 or 3)")
+    return PIL_MODES[in_chans]
 
 
-def eval_resize(pixels, img_size: int):
-    """Float pixel values (0..255) ``(N, C, H, W)`` -> ``(N, C, img_size, img_size)`` as
-    ``Resize(shorter side, bicubic) + CenterCrop(img_size)`` of the evaluation transform."""
-    import torch.nn.functional as F
+def to_pil(image: np.ndarray, mode: str):
+    """One checked ``uint8`` ``(H, W, C)`` image as a PIL image in ``mode`` (PIL converts)."""
+    from PIL import Image
 
-    short_target = int(img_size / EVAL_CROP_RATIO) if img_size >= EVAL_RESIZE_MIN else img_size
-    height, width = pixels.shape[-2:]
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = short_target, int(short_target * long / short)
-    new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
-    # PIL's usual order: a horizontal pass, then a vertical one, each skipped when its size
-    # stays and each rounded to whole pixel values (PIL keeps an 8-bit image in between).
-    for size in ((height, new_w), (new_h, new_w)):
-        if size != tuple(pixels.shape[-2:]):
-            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True,
-                                   align_corners=False).add_(0.5).floor_().clamp_(0, 255)
-    top, left = int(round((new_h - img_size) / 2.0)), int(round((new_w - img_size) / 2.0))
-    return pixels[..., top:top + img_size, left:left + img_size]
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert(mode)
 
 
-def normalise(batch: np.ndarray, mean: Sequence[float], std: Sequence[float], img_size: int,
-              device=None):
-    """Checked ``uint8`` ``(N, H, W, C)`` (channels already matched) -> the encoder's input:
-    resized, cropped, normalised ``float32`` ``(N, C, img_size, img_size)`` on ``device``."""
+def eval_transform(img_size: int, mean: Sequence[float],
+                   std: Sequence[float]) -> Callable[[Any], Any]:
+    """``pilamim.data.transforms.eval_transform``, built the same way from torchvision (this
+    file may not import pilamim): PIL image -> normalised ``float32`` ``(C, S, S)``."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    resize = int(img_size / EVAL_CROP_RATIO) if img_size >= EVAL_RESIZE_MIN else img_size
+    return T.Compose([
+        T.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.Compose([T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]),
+    ])
+
+
+def images_to_tensor(images: Any, config: Mapping[str, Any]):
+    """Raw pixels (see the module docstring) -> the encoder's input, normalised ``float32``
+    ``(N, C, S, S)`` on the CPU, each image through PIL and :func:`eval_transform`."""
     import torch
 
-    pixels = np.require(batch, requirements=["C", "W"])   # PIL's arrays are read-only
-    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float()
-    x = eval_resize(x, img_size) / 255.0
-    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return ((x - mean_t) / std_t).contiguous()
-
-
-def images_to_tensor(images: Any, mean: Sequence[float], std: Sequence[float], in_chans: int,
-                     img_size: int, device=None):
-    """Raw pixels (see the module docstring) -> normalised ``float32`` ``(N, C, S, S)``."""
-    batch = match_channels(as_image_batch(images), in_chans)
-    return normalise(batch, mean, std, img_size, device)
+    batch = as_image_batch(images)
+    chans, size = int(config["in_chans"]), int(config["img_size"])
+    mode, transform = pil_mode(chans), eval_transform(size, config["mean"], config["std"])
+    if batch.shape[0] == 0:
+        return torch.zeros((0, chans, size, size))
+    return torch.stack([transform(to_pil(image, mode)) for image in batch])
 
 
 class EncoderEmbedder(PythonModel):
@@ -161,25 +162,23 @@ class EncoderEmbedder(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        self.config = json.loads(Path(context.artifacts["encoder_config"]).read_text())
+        self.config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         device = (context.model_config or {}).get("device")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.encoder = load_timm_encoder(context.artifacts["encoder_weights"], self.config)
+        self.encoder = load_timm_encoder(context.artifacts[WEIGHTS_ARTIFACT], self.config)
         self.encoder.to(self.device)
 
     def predict(self, context, model_input, params=None):
         import torch
 
-        cfg = self.config
-        batch = match_channels(as_image_batch(model_input), int(cfg["in_chans"]))
+        batch = as_image_batch(model_input)        # every refusal before any work
         outputs = []
         with torch.inference_mode():
             for start in range(0, batch.shape[0], self.batch_size):
-                x = normalise(batch[start:start + self.batch_size], cfg["mean"], cfg["std"],
-                              int(cfg["img_size"]), self.device)
-                outputs.append(self.encoder(x).float().cpu())
+                x = images_to_tensor(batch[start:start + self.batch_size], self.config)
+                outputs.append(self.encoder(x.to(self.device)).float().cpu())
         if not outputs:
-            return np.zeros((0, int(cfg["feature_dim"])), np.float32)
+            return np.zeros((0, int(self.config["feature_dim"])), np.float32)
         return torch.cat(outputs).numpy()
 
 

@@ -77,7 +77,7 @@ def register_encoder(params: Params, inputs: RegisterInputs, run_id: str,
             TAG_DATA_DIGEST: inputs.data_digest, TAG_ENCODER_SHA: inputs.encoder_sha256,
             TAG_PROTOCOL: inputs.protocol, "git_commit": commit,
             "git_dirty": str(dirty).lower(), "params_hash": runs.params_hash(params),
-            "pipeline_id": pipeline_id, TAG_ENCODER_URI: logged.encoder_uri,
+            "pipeline_id": pipeline_id,
             **{f"{METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in inputs.metrics.items()},
         })
     else:  # same weights: this evaluation becomes the version's (protocols may have changed)
@@ -101,8 +101,9 @@ def register_encoder(params: Params, inputs: RegisterInputs, run_id: str,
             champion_context={"data_digest": champion_tags.get(TAG_DATA_DIGEST, ""),
                               "protocol": champion_tags.get(TAG_PROTOCOL, "")})
         apply_decision(client, rp.model_name, version.version, decision)
-    # The registered source is the embedder (raw images), the nn.Module's URI a tag. Versions
-    # registered before that have it the other way round: the tag was ``embedder_uri``.
+    # The registered source is the embedder, which also holds the encoder's safetensors
+    # (model_logging.load_registered_encoder). Older versions name a pickled PyTorch model in
+    # the tag ``encoder_uri``; the oldest have that as source and the embedder in ``embedder_uri``.
     version_tags = client.get_model_version(rp.model_name, str(version.version)).tags or {}
     record = {
         "model_name": rp.model_name, "version": int(version.version),

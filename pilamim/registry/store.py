@@ -17,7 +17,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pilamim.registry.promotion import CHAMPION, Decision
+from pilamim.registry.promotion import CHALLENGER, CHAMPION, Decision
 from pilamim.tracking import owners, server
 
 METRIC_TAG_PREFIX = "metric."
@@ -25,7 +25,8 @@ METRIC_TAG_PREFIX = "metric."
 TAG_ENCODER_SHA = "encoder_sha256"
 TAG_PROTOCOL = "eval_protocol"
 TAG_DATA_DIGEST = "data_digest"
-# The registered model is the raw-image embedder; this tag holds its PyTorch-flavour sibling.
+# Versions registered before the model was pickle-free: the URI of their pickled PyTorch-flavour
+# model (no longer logged).
 TAG_ENCODER_URI = "encoder_uri"
 ABANDONED = "abandoned"
 
@@ -138,6 +139,8 @@ def promote(name: str, version: str | int, client: MlflowClient | None = None,
     gate = (current.tags or {}).get("gate_metric", "probe_top1")
     value = version_metrics(current).get(gate, float("nan"))
     apply_decision(client, name, version, Decision(CHAMPION, reason + was, gate, value))
+    if CHALLENGER in (current.aliases or []):  # one version, one role
+        client.delete_registered_model_alias(name, CHALLENGER)
     return client.get_model_version(name, version)
 
 

@@ -1,17 +1,14 @@
-"""Stage ``register``: log the encoder as MLflow models, register one version, gate it.
+"""Stage ``register``: log the encoder as an MLflow model, register one version, gate it.
 
 :func:`register` reads the stage outputs from files, checks they belong to one lineage (same
-data, same encoder), logs the encoder as two MLflow models in the ``register`` run
+data, same encoder), logs the encoder as one pickle-free MLflow model in the ``register`` run
 (:mod:`pilamim.registry.model_logging`), registers one version and decides its alias:
 
-* ``embedder`` — pyfunc (:mod:`pilamim.registry.embedder`) taking raw ``uint8`` ``(N, H, W, C)``
-  images as PIL/numpy give them, normalising them itself: the one registered under
-  ``params/register.yaml: model_name``, so ``mlflow models serve -m models:/<name>@champion``
-  serves images.
-* ``encoder`` — PyTorch flavour (pickle format, so any batch size loads), input normalised
-  ``float32`` ``(N, C, H, W)``; its URI is in the version tag ``encoder_uri``
-  (``mlflow.pytorch.load_model`` gives the ``nn.Module``). The MLmodel metadata of both carries
-  ``encoder.json`` (mean/std).
+* ``embedder`` — pyfunc (:mod:`pilamim.registry.embedder`, logged as a model from code: no
+  pickle) taking raw ``uint8`` ``(N, H, W, C)`` images as PIL/numpy give them, normalising them
+  itself, so ``mlflow models serve -m models:/<name>@champion`` serves images. It also holds
+  ``encoder.safetensors`` + ``encoder.json``:
+  :func:`pilamim.registry.model_logging.load_registered_encoder` gives the timm ``nn.Module``.
 
 The promotion gate (:func:`pilamim.registry.promotion.decide_promotion`, pure) makes a version
 ``@champion`` when its gate metric clears ``floor`` and beats the current champion by at least

@@ -20,7 +20,7 @@ from pilamim import cli
 from pilamim.config import Params
 from pilamim.registry import store
 from pilamim.registry.embedder import load_timm_encoder
-from pilamim.registry.model_logging import log_encoder_model
+from pilamim.registry.model_logging import load_registered_encoder, log_encoder_model
 from pilamim.registry.promotion import CHALLENGER, CHAMPION, decide_promotion
 from pilamim.stages import register as register_step
 from pilamim.stages.lineage import LineageError, encoder_sha256
@@ -126,10 +126,10 @@ def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir)
     assert tags["pipeline_id"] == second["pipeline_id"]
     assert float(tags["metric.probe_top1"]) == 0.505
     assert float(tags["metric.finetune_top1"]) == 0.7
-    assert tags["encoder_uri"].startswith("models:/") and "embedder_uri" not in tags
+    assert "encoder_uri" not in tags and "embedder_uri" not in tags     # one model: the source
     version = client.get_model_version(name, "2")
     assert second["logged_model_uri"] == second["embedder_uri"] == version.source
-    assert second["encoder_uri"] == tags["encoder_uri"] != version.source
+    assert second["encoder_uri"] == version.source           # load_registered_encoder takes it
     assert second["model_uri"] == f"models:/{name}/2"
 
     run = client.get_run(third["run_id"])
@@ -146,7 +146,7 @@ def test_register_gates_versions_and_tags_lineage(tmp_path, params, encoder_dir)
 
     # Humans may overrule the gate; a missing version is explained with the ones that exist.
     promoted = store.promote(name, 2)
-    assert CHAMPION in promoted.aliases
+    assert promoted.aliases == [CHAMPION]               # no longer also @challenger
     assert client.get_model_version(name, "2").tags["decision"] == CHAMPION
     with pytest.raises(store.RegistryError, match=r"no version '7'; existing versions: 1, 2, 3"):
         store.promote(name, 7)
@@ -174,7 +174,7 @@ def test_a_model_without_champion_is_a_normal_state(tmp_path, params, encoder_di
 
 
 def test_logged_models_embed_any_batch_size(tmp_path, params, encoder_dir):
-    """@champion is the embedder over raw uint8 pixels; the nn.Module is the tag encoder_uri."""
+    """@champion is the embedder over raw uint8 pixels, and holds the timm module."""
     write_prepared(tmp_path / "data" / "prepared")
     record = _run_register(tmp_path, params, 0.5)
     name = params.register.model_name
@@ -194,15 +194,12 @@ def test_logged_models_embed_any_batch_size(tmp_path, params, encoder_dir):
     with pytest.raises(mlflow.exceptions.MlflowException, match="dtype of input float32"):
         embedder.predict(batch.numpy())                     # normalised floats: not this model
 
-    version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    assert version.tags["encoder_uri"] == record["encoder_uri"]
-    module = mlflow.pytorch.load_model(version.tags["encoder_uri"])
-    assert isinstance(module, timm.models.VisionTransformer)
-    assert module.patch_embed.proj.in_channels == TINY_KWARGS["in_chans"]
-    with torch.no_grad():
-        np.testing.assert_allclose(module(batch).numpy(), expected, rtol=1e-5, atol=1e-5)
-    as_pyfunc = mlflow.pyfunc.load_model(record["encoder_uri"]).predict(batch.numpy())
-    np.testing.assert_allclose(as_pyfunc, expected, rtol=1e-5, atol=1e-5)
+    for source in (uri, record["encoder_uri"], f"models:/{name}/{record['version']}"):
+        module = load_registered_encoder(source)
+        assert isinstance(module, timm.models.VisionTransformer) and not module.training
+        assert module.patch_embed.proj.in_channels == TINY_KWARGS["in_chans"]
+        with torch.no_grad():
+            np.testing.assert_allclose(module(batch).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_version_registered_with_the_torch_model_as_source_is_recorded_as_such(
@@ -211,14 +208,22 @@ def test_a_version_registered_with_the_torch_model_as_source_is_recorded_as_such
     tag ``embedder_uri``) are reused for the same weights; the record says which is which."""
     write_prepared(tmp_path / "data" / "prepared")
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5)
+    config = json.loads((encoder_dir / "encoder.json").read_text())
     with mlflow.start_run():
         logged = log_encoder_model(encoder_dir)
-    store.register_version(params.register.model_name, logged.encoder_uri, {
+        torch_uri = mlflow.pytorch.log_model(    # as register logged it then: pickled
+            load_timm_encoder(encoder_dir / "encoder.safetensors", config), name="encoder",
+            serialization_format="pickle", pip_requirements=["torch"]).model_uri
+    store.register_version(params.register.model_name, torch_uri, {
         "encoder_sha256": encoder_sha256(encoder_dir), "embedder_uri": logged.embedder_uri})
     record = register_step.register(params)
     assert record["version"] == 1 and record["action"] == CHAMPION
-    assert record["logged_model_uri"] == record["encoder_uri"] == logged.encoder_uri
+    assert record["logged_model_uri"] == record["encoder_uri"] == torch_uri
     assert record["embedder_uri"] == logged.embedder_uri
+    # Its safetensors are in the embedder, named by the tag; the pickle is not read.
+    assert load_registered_encoder(record["embedder_uri"]).embed_dim == FEATURE_DIM
+    with pytest.raises(ValueError, match="not a pilamim embedder.*tag embedder_uri"):
+        load_registered_encoder(f"models:/{params.register.model_name}@champion")
 
 
 def test_list_and_promote_without_a_store_say_what_to_do(tmp_path, monkeypatch):

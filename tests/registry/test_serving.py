@@ -1,8 +1,9 @@
 """Serving @champion: the registered model is the embedder over raw pixels.
 
-The embedder's input handling in-process (channels as PIL converts them, resizing as the
-evaluation transform does, refusals), then the real thing: the register step, then
-``mlflow models serve -m models:/<name>@champion`` in a subprocess, fed JSON pixels.
+The embedder's input handling in-process (PIL converts, the evaluation transform resizes and
+normalises: the same numbers as evaluation, to the bit; refusals), then the real thing: the
+register step, then ``mlflow models serve -m models:/<name>@champion`` in a subprocess, fed JSON
+pixels.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ import mlflow
 import numpy as np
 import pytest
 import requests
+import timm
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pilamim.data import transforms
+from pilamim.data.bit_depth import to_8bit
 from pilamim.registry import embedder as emb
+from pilamim.registry.model_logging import load_registered_encoder
 from pilamim.stages import register as register_step
 from tests.mlflow_store import FEATURE_DIM, free_port, wait_until_up, write_metrics, write_prepared
 
 MEAN, STD = [0.286], [0.353]      # export_tiny_encoder's
-GREY_LEVEL = 1 / 255 / STD[0]     # one pixel value, in normalised units
+RGB_MEAN, RGB_STD = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
+CONFIG = {"in_chans": 1, "img_size": 16, "mean": MEAN, "std": STD}
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -39,6 +44,14 @@ def _smooth(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
                          dtype=np.uint8)
     image = Image.fromarray(small.squeeze()).resize((shape[1], shape[0]), Image.BICUBIC)
     return np.asarray(image).reshape(shape)
+
+
+def _as_evaluated(image: np.ndarray, config: dict) -> torch.Tensor:
+    """What evaluation makes of this image: the data loader's conversion (``to_8bit``) and
+    ``pilamim.data.transforms.eval_transform``."""
+    mode = {1: "L", 3: "RGB"}[config["in_chans"]]
+    pil = to_8bit(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image), mode)
+    return transforms.eval_transform(config["img_size"], config["mean"], config["std"])(pil)
 
 
 def _by_hand(pixels: np.ndarray) -> torch.Tensor:
@@ -50,7 +63,8 @@ def _by_hand(pixels: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------- input handling, in-process
 
 
-def test_embedder_is_self_contained_and_agrees_with_the_eval_transform_constants():
+def test_embedder_is_self_contained_and_builds_the_eval_transform():
+    """No pilamim import at serving time, yet the very pipeline evaluation uses."""
     tree = ast.parse(Path(emb.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
@@ -59,44 +73,62 @@ def test_embedder_is_self_contained_and_agrees_with_the_eval_transform_constants
     assert not {name for name in imported if name.split(".")[0] == "pilamim"}
     assert emb.EVAL_CROP_RATIO == transforms.EVAL_CROP_RATIO
     assert emb.EVAL_RESIZE_MIN == transforms.EVAL_RESIZE_MIN
-
-
-def test_channels_convert_as_pil_does():
-    rng = np.random.default_rng(0)
-    rgba = rng.integers(0, 256, size=(2, 9, 7, 4), dtype=np.uint8)
-    for image in rgba:
-        expected = np.asarray(Image.fromarray(image[..., :3]).convert("L"))
-        assert np.array_equal(emb.match_channels(image[None, ..., :3], 1)[0, ..., 0], expected)
-        rgba_l = np.asarray(Image.fromarray(image, "RGBA").convert("L"))
-        assert np.array_equal(emb.match_channels(image[None], 1)[0, ..., 0], rgba_l)
-        rgba_rgb = np.asarray(Image.fromarray(image, "RGBA").convert("RGB"))
-        assert np.array_equal(emb.match_channels(image[None], 3)[0], rgba_rgb)
-    grey = rgba[..., :1]
-    repeated = emb.match_channels(grey, 3)
-    assert repeated.shape == (2, 9, 7, 3)
-    assert np.array_equal(repeated[0], np.asarray(Image.fromarray(grey[0, ..., 0]).convert("RGB")))
+    for size in (16, 28, 63, 64, 96, 224):
+        for mean, std in ((MEAN, STD), (RGB_MEAN, RGB_STD)):
+            assert (repr(emb.eval_transform(size, mean, std))
+                    == repr(transforms.eval_transform(size, mean, std)))
 
 
 @pytest.mark.parametrize(("img_size", "hw"), [(16, (40, 30)), (16, (12, 20)), (28, (20, 37)),
-                                              (64, (64, 64)), (96, (150, 120))])
-def test_resize_matches_the_eval_transform(img_size, hw):
-    """Torch's antialiased bicubic in PIL's two rounded passes is PIL's within a grey level or
-    so (Pillow 13 resamples some tall images height first: a few levels on a few pixels)."""
-    image = _smooth(np.random.default_rng(img_size), hw)
-    expected = transforms.eval_transform(img_size, MEAN, STD)(Image.fromarray(image)).numpy()
-    got = emb.images_to_tensor(image[None], MEAN, STD, 1, img_size)[0].numpy()
-    assert got.shape == expected.shape == (1, img_size, img_size)
-    assert np.abs(got - expected).max() <= 4 * GREY_LEVEL * 1.001
-    assert np.abs(got - expected).mean() < GREY_LEVEL / 4
+                                              (64, (64, 64)), (96, (150, 120)),
+                                              (96, (200, 97))])
+def test_resize_is_the_eval_transforms(img_size, hw):
+    """Larger, smaller, wide and tall images: the numbers evaluation gets, exactly."""
+    image = _smooth(np.random.default_rng(img_size + hw[0]), (*hw, 1))
+    config = {**CONFIG, "img_size": img_size}
+    got = emb.images_to_tensor(image[None], config)[0]
+    assert got.shape == (1, img_size, img_size)
+    torch.testing.assert_close(got, _as_evaluated(image, config), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chans", [1, 3, 4])
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_channels_convert_as_the_data_loader_does(chans, in_chans):
+    """Grey, RGB and RGBA into grey and RGB encoders: PIL's convert (RGBA drops alpha)."""
+    rng = np.random.default_rng(chans)
+    images = np.stack([_smooth(rng, (24, 20, chans)) for _ in range(2)])
+    mean, std = (MEAN, STD) if in_chans == 1 else (RGB_MEAN, RGB_STD)
+    config = {"in_chans": in_chans, "img_size": 16, "mean": mean, "std": std}
+    got = emb.images_to_tensor(images, config)
+    assert got.shape == (2, in_chans, 16, 16)
+    for image, row in zip(images, got, strict=True):
+        torch.testing.assert_close(row, _as_evaluated(image, config), rtol=0, atol=0)
 
 
 def test_images_at_the_model_size_are_only_normalised():
     pixels = np.random.default_rng(1).integers(0, 256, size=(3, 16, 16, 1), dtype=np.uint8)
     expected = _by_hand(pixels)
     for form in (pixels, pixels[..., 0], pixels.astype(np.int64), pixels.astype(np.uint16)):
-        torch.testing.assert_close(emb.images_to_tensor(form, MEAN, STD, 1, 16), expected)
+        torch.testing.assert_close(emb.images_to_tensor(form, CONFIG), expected)
     read_only = np.asarray(Image.fromarray(pixels[0, ..., 0]))[None]     # PIL: not writable
-    torch.testing.assert_close(emb.images_to_tensor(read_only, MEAN, STD, 1, 16), expected[:1])
+    torch.testing.assert_close(emb.images_to_tensor(read_only, CONFIG), expected[:1])
+    assert emb.images_to_tensor(pixels[:0], CONFIG).shape == (0, 1, 16, 16)
+
+
+def test_timm_data_config_of_the_loaded_encoder_is_the_eval_transform(encoder_dir):
+    """``load_timm_encoder`` replaces the architecture's ImageNet data config (3 x 224 x 224,
+    mean 0.5) by ours: timm's own eval transform then gives evaluation's numbers."""
+    config = json.loads((encoder_dir / "encoder.json").read_text())
+    encoder = emb.load_timm_encoder(encoder_dir / "encoder.safetensors", config)
+    data_config = timm.data.resolve_data_config({}, model=encoder)
+    assert data_config["input_size"] == (1, 16, 16) and data_config["mean"] == tuple(MEAN)
+    rng = np.random.default_rng(4)
+    for size, hw, mean, std in ((16, (40, 30), MEAN, STD), (96, (150, 120), RGB_MEAN, RGB_STD)):
+        image = _smooth(rng, (*hw, len(mean)))
+        cfg = {"in_chans": len(mean), "img_size": size, "mean": mean, "std": std}
+        timm_transform = timm.data.create_transform(**emb.timm_data_config(cfg))
+        pil = Image.fromarray(image.squeeze(-1) if len(mean) == 1 else image)
+        torch.testing.assert_close(timm_transform(pil), _as_evaluated(image, cfg))
 
 
 @pytest.mark.parametrize(("images", "words"), [
@@ -112,7 +144,7 @@ def test_images_at_the_model_size_are_only_normalised():
 ])
 def test_bad_input_is_refused_with_what_was_expected(images, words):
     with pytest.raises(ValueError, match=words):
-        emb.images_to_tensor(images, MEAN, STD, 1, 16)
+        emb.images_to_tensor(images, CONFIG)
 
 
 def test_predict_any_layout_and_size(encoder_dir):
@@ -129,12 +161,14 @@ def test_predict_any_layout_and_size(encoder_dir):
     for form in (pixels, pixels[..., 0], pixels.astype(np.int64)):
         np.testing.assert_allclose(model.predict(None, form), expected, atol=1e-5)
     rgb = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
-    luma = emb.match_channels(rgb, 1)
+    luma = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in rgb])
     np.testing.assert_allclose(model.predict(None, rgb), model.predict(None, luma), atol=1e-6)
     large = rng.integers(0, 256, size=(2, 40, 33, 1), dtype=np.uint8)
     assert model.predict(None, large).shape == (2, FEATURE_DIM)
     empty = model.predict(None, np.zeros((0, 16, 16, 1), np.uint8))
     assert empty.shape == (0, FEATURE_DIM) and empty.dtype == np.float32
+    with pytest.raises(ValueError, match="got dtype float32"):
+        model.predict(None, pixels.astype(np.float32))
 
 
 # ----------------------------------------------------------------- mlflow models serve
@@ -159,7 +193,6 @@ def test_champion_serves_raw_pixels_like_the_torch_encoder(tmp_path, params, enc
     name = params.register.model_name
     champion = f"models:/{name}@champion"
     version = MlflowClient().get_model_version_by_alias(name, "champion")
-    assert version.tags["encoder_uri"] == record["encoder_uri"]
     assert version.source == record["logged_model_uri"] == record["embedder_uri"]
 
     rng = np.random.default_rng(3)
@@ -168,7 +201,7 @@ def test_champion_serves_raw_pixels_like_the_torch_encoder(tmp_path, params, enc
     large = rng.integers(0, 256, size=(2, 24, 20, 1), dtype=np.uint8)
     config = json.loads((encoder_dir / "encoder.json").read_text())
     assert (config["mean"], config["std"]) == (MEAN, STD)
-    module = mlflow.pytorch.load_model(version.tags["encoder_uri"])
+    module = load_registered_encoder(champion)
     with torch.no_grad():
         expected = module(_by_hand(grey)).numpy()
     in_process = mlflow.pyfunc.load_model(champion)
