@@ -1,216 +1,171 @@
-"""Layers of the ``pilamim`` package, read from the sources with :mod:`ast` (nothing imported).
+"""The package's import rules: import-linter's contracts (``pyproject.toml``,
+``[tool.importlinter]``) and the two rules no contract can state.
 
-* Imports point down the layers (:data:`LAYERS`): the method library (model, data, train,
-  evaluate and the small helpers beside them) imports neither MLflow's layer (tracking,
-  registry) nor the pipeline (stages, CLI); tracking and registry do not import the pipeline.
-* Orchestration stays out of the package: no module under ``pilamim/`` imports Prefect, and the
-  only way into :mod:`pilamim_flows` (which does) is the CLI's lazy import for ``pilamim run``.
-  Tracking gets Prefect's run ids from the flow (``extra_tags``), not by asking Prefect.
-* No import cycle among ``pilamim`` modules. An edge A -> B is an import statement in A naming B
-  (``from x import y`` names ``x.y`` when that is a module file, else ``x``), at module level
-  or inside a function: lazy imports here defer heavy libraries (MLflow, torch), they are not
-  licences for two modules to need each other, so a cycle through one still counts. The
-  packages Python runs on the way to a submodule (``pilamim/model/__init__.py`` before
-  ``pilamim.model.masking``) are not edges: a package ``__init__`` re-exporting its submodules
-  would otherwise "cycle" with every submodule that imports a sibling, although neither needs
-  the other.
+* The contracts: imports point down the layers (method library < MLflow layer < pipeline);
+  only ``pilamim.tracking`` and ``pilamim.registry`` import MLflow; no ``pilamim`` module
+  imports Prefect; only the CLI imports :mod:`pilamim_flows`; no import cycle. The run here
+  fails with import-linter's report, and each contract is broken once on a copy of the sources,
+  so a contract that can no longer fail (a typo, a module left out) fails this file too.
+* "Only lazily": grimp records an import inside a function like one at module level (its
+  ``is_lazy`` means PEP 810's ``lazy import`` statement only), so that the CLI reaches the flow,
+  and the runner MLflow's layer, only inside a function is read here with :mod:`ast`.
+* Cycles through a package's own ``__init__``: ``acyclic_siblings`` ignores imports between a
+  package and its children, so a module importing a name from its package whose ``__init__``
+  imports that module again is checked here with grimp. A package ``__init__`` re-exporting
+  its submodules while they import a sibling through it is no cycle: neither needs the other.
 """
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import grimp
 import pytest
 
 from pilamim.stages.code_deps import PROJECT_ROOT, imported_names, module_file
 
-PACKAGE = "pilamim"
-CLI = "pilamim.cli"
-# Bottom to top; a module may import its own layer and those below. Modules not listed (the
-# helpers directly under pilamim/: config, io, device, callbacks, schedules, recipes) are library.
-LAYERS = (
-    ("library", ()),
-    ("mlflow", ("pilamim.tracking", "pilamim.registry")),
-    ("pipeline", ("pilamim.stages", "pilamim.cli", "pilamim.checkout_lock",
-                  "pilamim.params_files")),
-)
+PYPROJECT = PROJECT_ROOT / "pyproject.toml"
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
-def package_modules(root: Path = PROJECT_ROOT, package: str = PACKAGE) -> dict[str, Path]:
-    """Every module of ``package`` under ``root``: dotted name -> file (``__init__`` = package)."""
-    modules = {}
-    for path in sorted((root / package).rglob("*.py")):
-        parts = path.relative_to(root).with_suffix("").parts
-        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return modules
+def contract_ids() -> set[str]:
+    """The ids of the contracts in ``pyproject.toml``."""
+    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    return {c["id"] for c in config["tool"]["importlinter"]["contracts"]}
 
 
-def _top(name: str) -> str:
-    return name.split(".", 1)[0]
+def lint_imports(*contracts: str, sources: Path | None = None) -> subprocess.CompletedProcess:
+    """The venv's ``lint-imports`` on pyproject.toml's contracts (all, or ``contracts``).
+
+    Uncached: a cache folder in the checkout would be one more thing to ignore, and the graph
+    takes well under a second to build. ``sources``: a folder holding copies of ``pilamim``
+    and ``pilamim_flows``, put ahead of the installed (editable) ones on ``PYTHONPATH``.
+    """
+    args = [str(LINT_IMPORTS), "--no-cache", "--no-logo", str(PYPROJECT)]
+    args += [f"--contract={c}" for c in contracts]
+    env = {**os.environ, "PYTHONPATH": str(sources)} if sources else None
+    return subprocess.run(args, cwd=sources or PROJECT_ROOT, capture_output=True, text=True,
+                          env=env, timeout=120)
 
 
-def imports_of(modules: dict[str, Path], top: str, *, lazy: bool = True) -> dict[str, set[str]]:
-    """Module -> the names it imports from the top-level package ``top`` (e.g. ``prefect``)."""
-    found = {}
-    for module, path in modules.items():
-        names = {n for n in imported_names(path, module, lazy=lazy) if _top(n) == top}
-        if names:
-            found[module] = names
-    return found
+def test_the_contracts_are_kept():
+    done = lint_imports()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Contracts: {len(contract_ids())} kept, 0 broken." in done.stdout, done.stdout
 
 
-def _deepest_module(name: str, root: Path, package: str) -> str | None:
-    """The longest prefix of ``name`` that is a module file of ``package`` (None: not ours)."""
-    parts = name.split(".")
-    if parts[0] != package:
-        return None
-    found = None
-    for end in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:end])
-        if module_file(prefix, root) is None:
-            break
-        found = prefix
-    return found
+# One or more ways to break each contract: (contract id, file, text appended to it, a line the
+# report must hold). Several are lazy imports, which import-linter counts like any other.
+LAZY = "\n\ndef _lazy():\n    {}\n"
+NEW_MODULE = "pilamim/extra.py"                       # in no layer
+BREAKS = [
+    ("layers", "pilamim/model/masking.py", LAZY.format("from pilamim.tracking import runs"),
+     "- pilamim.model.masking -> pilamim.tracking.runs"),
+    ("layers", "pilamim/registry/promotion.py", "\nimport pilamim.stages\n",
+     "- pilamim.registry.promotion -> pilamim.stages"),
+    ("layers", NEW_MODULE, "", "- pilamim.extra"),              # exhaustive: unplaced
+    ("root", "pilamim/__init__.py", "\nfrom pilamim.tracking import runs\n",
+     "pilamim -> pilamim.tracking.runs"),
+    ("mlflow", "pilamim/stages/probe.py", "\nimport mlflow\n", "- pilamim.stages.probe -> mlflow"),
+    ("mlflow", "pilamim/train/loop.py", LAZY.format("import mlflow.pytorch"),
+     "- pilamim.train.loop -> mlflow"),
+    ("mlflow", "pilamim_flows/__init__.py", "\nimport mlflow\n",
+     "- pilamim_flows -> mlflow"),
+    ("prefect", "pilamim/tracking/runs.py", LAZY.format("from prefect.runtime import flow_run"),
+     "pilamim.tracking.runs -> prefect"),
+    ("flows", "pilamim/stages/runner.py", "\nimport pilamim_flows\n",
+     "- pilamim.stages.runner -> pilamim_flows"),
+    ("acyclic", "pilamim/config.py", LAZY.format("from pilamim.train import loop"),
+     "- .config -> .train"),
+    ("acyclic", "pilamim/model/masking.py", LAZY.format("from pilamim.model import pilamim"),
+     "- .masking -> .pilamim"),
+]
 
 
-def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
-    """``from <node.module> import ...`` with ``.``/``..`` resolved against ``module``."""
-    if not node.level:
-        return node.module or ""
-    base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[:len(base) - (node.level - 1)]
-    return ".".join([*base, node.module] if node.module else base)
+def copy_sources(dest: Path) -> Path:
+    """``pilamim`` and ``pilamim_flows`` (from flows/) copied under ``dest``, as importable."""
+    skip = shutil.ignore_patterns("__pycache__", "*.npz")
+    shutil.copytree(PROJECT_ROOT / "pilamim", dest / "pilamim", ignore=skip)
+    shutil.copytree(PROJECT_ROOT / "flows", dest / "pilamim_flows", ignore=skip)
+    return dest
 
 
-def named_imports(path: Path, module: str) -> set[str]:
-    """What each import statement of ``path`` names, at any depth (functions included):
-    ``import a.b`` -> ``a.b``; ``from x import y`` -> ``x.y`` (resolved by the caller to ``x``
-    when ``y`` is only a name in ``x``)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node, module, path.name == "__init__.py")
-            names.update(f"{base}.{alias.name}" if alias.name != "*" else base
-                         for alias in node.names)
-    return names
+def test_every_contract_has_a_way_to_break_it():
+    assert {contract for contract, *_ in BREAKS} == contract_ids()
 
 
-def import_graph(modules: dict[str, Path], root: Path = PROJECT_ROOT,
-                 package: str = PACKAGE) -> dict[str, set[str]]:
-    """Module -> the package modules its import statements name, lazy imports included."""
-    graph = {}
-    for module, path in modules.items():
-        targets = {_deepest_module(n, root, package) for n in named_imports(path, module)}
-        graph[module] = {t for t in targets if t is not None and t != module}
-    return graph
+@pytest.mark.parametrize(("contract", "file", "text", "reported"), BREAKS,
+                         ids=[f"{b[0]}:{b[1]}" for b in BREAKS])
+def test_a_contract_fails_on_an_import_it_forbids(tmp_path, contract, file, text, reported):
+    sources = copy_sources(tmp_path)
+    assert file == NEW_MODULE or (sources / file).is_file(), f"{file} is gone: break another"
+    with open(sources / file, "a", encoding="utf-8") as f:
+        f.write(text)
+    done = lint_imports(contract, sources=sources)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Contracts: 0 kept, 1 broken." in done.stdout, done.stdout
+    assert reported in done.stdout, done.stdout
 
 
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle as ``[a, b, ..., a]``, or None (depth-first search, sorted order)."""
-    state: dict[str, str] = {}        # "open" while on the current path, then "done"
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = "open"
-        path.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                return [*path[path.index(nxt):], nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        state[node] = "done"
-        path.pop()
-        return None
-
-    for start in sorted(graph):
-        if start not in state and (cycle := visit(start)):
-            return cycle
-    return None
+# ----------------------------------------------------------------------------- only lazily
 
 
-# ----------------------------------------------------------------------------- the package
+def imports_of(path: Path, module: str, package: str, *, lazy: bool) -> set[str]:
+    """What ``path`` (the file of ``module``) imports from ``package`` or below it; without
+    ``lazy``, only its imports outside functions (run whenever the module is imported)."""
+    return {n for n in imported_names(path, module, lazy=lazy)
+            if n == package or n.startswith(package + ".")}
 
 
-def layer(module: str) -> int:
-    """Index in :data:`LAYERS` of the layer ``module`` belongs to."""
-    for index, (_, prefixes) in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return index
-    return 0
+# MLflow and Prefect cost seconds to import: a stage command (and an untracked stage) must not
+# pay for the flow or MLflow's layer, so these imports stay inside the functions needing them.
+ONLY_LAZILY = [("pilamim.cli", "pilamim_flows"), ("pilamim.stages.runner", "pilamim.tracking")]
 
 
-def test_the_files_are_read():
-    modules = package_modules()
-    assert {"pilamim.tracking.runs", "pilamim.stages.runner", CLI, "pilamim.stages"} <= set(
-        modules)
-    graph = import_graph(modules)
-    assert "pilamim.config" in graph["pilamim.tracking.runs"]            # module-level import
-    assert "pilamim.tracking.runs" in graph["pilamim.stages.runner"]     # a lazy one
+@pytest.mark.parametrize(("module", "package"), ONLY_LAZILY)
+def test_imported_only_inside_a_function(module, package):
+    path = module_file(module)
+    assert imports_of(path, module, package, lazy=True), f"{module} no longer imports {package}"
+    eager = imports_of(path, module, package, lazy=False)
+    assert not eager, f"{module} imports {sorted(eager)} at module level, not in a function"
 
 
-def test_imports_point_down_the_layers():
-    upward = {(module, target) for module, targets in import_graph(package_modules()).items()
-              for target in targets if layer(target) > layer(module)}
-    assert not upward, "imports of a higher layer: " + ", ".join(
-        f"{m} ({LAYERS[layer(m)][0]}) -> {t} ({LAYERS[layer(t)][0]})" for m, t in sorted(upward))
+def test_a_module_level_import_is_told_from_a_lazy_one(tmp_path):
+    path = tmp_path / "cli.py"
+    path.write_text("import pilamim_flows.pipeline\n\n"
+                    "def run():\n    from pilamim_flows import retry\n")
+    assert imports_of(path, "pilamim.cli", "pilamim_flows", lazy=False) == {
+        "pilamim_flows.pipeline"}
+    assert "pilamim_flows.retry" in imports_of(path, "pilamim.cli", "pilamim_flows", lazy=True)
 
 
-def test_mlflow_is_imported_only_by_its_layer():
-    mlflow_users = set(imports_of(package_modules(), "mlflow"))
-    assert mlflow_users and all(LAYERS[layer(m)][0] == "mlflow" for m in mlflow_users), (
-        sorted(m for m in mlflow_users if LAYERS[layer(m)][0] != "mlflow"))
+# ----------------------------------------------------------- cycles through a package __init__
 
 
-def test_no_pilamim_module_imports_prefect():
-    assert imports_of(package_modules(), "prefect") == {}
+def cycles_through_own_package(graph: grimp.ImportGraph, root: str) -> list[tuple[str, str]]:
+    """Imports ``module -> package`` where ``package`` contains ``module`` and imports it back
+    (directly or not): the cycles ``acyclic_siblings`` does not look at."""
+    return sorted((module, package) for module in graph.find_descendants(root)
+                  for package in graph.find_modules_directly_imported_by(module)
+                  if module.startswith(package + ".") and graph.chain_exists(package, module))
 
 
-def test_only_the_cli_reaches_the_flows_and_only_lazily():
-    modules = package_modules()
-    assert set(imports_of(modules, "pilamim_flows")) == {CLI}
-    assert imports_of({CLI: modules[CLI]}, "pilamim_flows", lazy=False) == {}
+def test_no_module_imports_a_package_that_imports_it_back():
+    graph = grimp.build_graph("pilamim", cache_dir=None)
+    assert cycles_through_own_package(graph, "pilamim") == []
 
 
-def test_the_runner_imports_tracking_only_when_it_tracks():
-    """MLflow costs seconds to import: an untracked stage must not pay for it."""
-    runner = "pilamim.stages.runner"
-    modules = package_modules()
-    eager = imported_names(modules[runner], runner, lazy=False)
-    assert not any(n == "pilamim.tracking" or n.startswith("pilamim.tracking.") for n in eager)
-
-
-def test_no_import_cycle_among_pilamim_modules():
-    cycle = find_cycle(import_graph(package_modules()))
-    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
-
-
-# ----------------------------------------------------------------------------- the checks
-
-
-@pytest.fixture
-def toy(tmp_path) -> Path:
-    """A package ``pilamim`` in tmp_path: a package __init__ re-exporting a submodule that
-    imports a sibling, plus a lazy import of Prefect."""
-    pkg = tmp_path / PACKAGE
-    (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sub" / "__init__.py").write_text("from pilamim.sub.a import f\n")
-    (pkg / "sub" / "a.py").write_text("from pilamim.sub.b import g\n\ndef f():\n    return g\n")
-    (pkg / "sub" / "b.py").write_text("def g():\n    import prefect.runtime\n")
-    return tmp_path
-
-
-def test_a_package_reexporting_its_submodules_is_no_cycle_but_lazy_prefect_is_found(toy):
-    modules = package_modules(toy)
-    assert find_cycle(import_graph(modules, toy)) is None
-    assert imports_of(modules, "prefect") == {"pilamim.sub.b": {"prefect.runtime"}}
-    assert imports_of(modules, "prefect", lazy=False) == {}
-
-
-def test_a_cycle_through_a_lazy_import_is_found(toy):
-    (toy / PACKAGE / "sub" / "b.py").write_text("def g():\n    from pilamim.sub import a\n")
-    cycle = find_cycle(import_graph(package_modules(toy), toy))
-    assert cycle == ["pilamim.sub.a", "pilamim.sub.b", "pilamim.sub.a"]
+def test_a_reexporting_package_is_no_cycle_but_one_importing_back_is():
+    graph = grimp.ImportGraph()
+    for module in ("toy", "toy.sub", "toy.sub.a", "toy.sub.b"):
+        graph.add_module(module)
+    graph.add_import(importer="toy.sub", imported="toy.sub.a")      # __init__ re-exports a
+    graph.add_import(importer="toy.sub.b", imported="toy.sub")      # b uses a name from it
+    assert cycles_through_own_package(graph, "toy") == []
+    graph.add_import(importer="toy.sub.a", imported="toy.sub.b")    # now the __init__ needs b
+    assert cycles_through_own_package(graph, "toy") == [("toy.sub.b", "toy.sub")]
