@@ -223,3 +223,17 @@ def test_prefect_server_runs_a_flow_to_completed(prefect_api):
 
 
 # The process worker running a real deployment end to end: test_pipeline_topology.py.
+
+
+def test_postgresql_comes_from_the_package_index_and_ci_needs_no_root(monkeypatch):
+    """The test command installs and starts everything without root: PostgreSQL's binaries are
+    the dev extra's wheel (preferred over any system install), and `.ci/run` calls no system
+    package manager."""
+    import sys
+
+    from tests.servers.postgres import postgres_bindir
+
+    monkeypatch.delenv("PILAMIM_PG_BINDIR", raising=False)
+    assert Path(postgres_bindir()).resolve().is_relative_to(Path(sys.prefix).resolve())
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert not any(word in ci for word in ("apt-get", "apt ", "sudo", "dnf ", "brew "))
