@@ -10,15 +10,23 @@ The checkout is therefore the resolved working directory, and a run holds
   it when the holder exits, however it exits (SIGKILL, out of memory), so a dead run never
   blocks the next one and there is nothing to clean up. The file also carries the holder's pid,
   command line, start time and host, only to tell the next user who is busy.
-* **One run, many processes.** The holder puts a random token in the file and in its
-  environment (``PILAMIM_RUN_TOKEN``); a process that finds the lock taken but carries the token
-  written in the file belongs to the same run and goes on: the flow's own stage calls, its
-  isolated probe/finetune processes. The ranks of one torchrun job share a token derived from
-  the job (rendezvous id, master address and port), so whichever rank comes first holds the
-  lock for all. A ``dvc repro`` started elsewhere does not carry the token: its first stage
-  command is refused.
+* **One run, many processes, each with its own lock.** The first process of a run takes the
+  lock *exclusively* (so it is the only one to claim the checkout), writes who it is and a random
+  token into the file and its environment (``PILAMIM_RUN_TOKEN``), then turns its lock into a
+  *shared* one. A process that carries the token written in the file belongs to the same run:
+  it takes a shared lock of its own (the flow's nested calls, the stage commands DVC starts for
+  it, the ranks of one torchrun job, whose token derives from the job's rendezvous). A newcomer
+  needs the exclusive lock, which the kernel refuses while any process of the run still holds a
+  shared one, so a flow killed on its own leaves the checkout busy until its stage processes
+  have stopped writing too. Nothing is handed down: DVC closes inherited descriptors when it
+  starts a stage command, and need not know about this lock.
 * **Refuse, don't wait.** The second run exits at once with :data:`EXIT_BUSY`; waiting for a
   run of hours behind a silent terminal helps nobody.
+
+Why not the ``filelock`` package (a dependency already, for MLflow's SQLite store): its
+``FileLock`` is exclusive only and keeps no holder details beyond a pid in its soft fallback;
+its ``ReadWriteLock`` is a SQLite database that cannot turn a write hold into a read hold. The
+two ``flock`` modes and a JSON line are all this needs.
 """
 
 from __future__ import annotations
@@ -41,7 +49,6 @@ LOCK_FILE = Path(".pilamim") / "run.lock"
 TOKEN_ENV = "PILAMIM_RUN_TOKEN"
 EXIT_BUSY = 75  # sysexits EX_TEMPFAIL: "try again later", told apart from a failed stage
 HOLDER_WAIT_S = 2.0  # how long to wait for a holder that has the lock but not yet said who
-_held_fds: list[int] = []  # the lock files this process holds, innermost last
 
 
 class CheckoutBusyError(RuntimeError):
@@ -73,66 +80,75 @@ def run_token() -> str | None:
 def hold_checkout(root: str | Path = ".") -> Iterator[None]:
     """Hold the checkout ``root`` for the duration of the block, or raise CheckoutBusyError.
 
-    Re-entrant across the processes of one run: a process carrying the holder's token (see
-    :func:`run_token`) passes without taking the lock again.
+    The first process of a run claims it; a process carrying the claimant's token (see
+    :func:`run_token`) joins that run with a shared lock of its own, also when nested in the
+    claimant's own process.
     """
     path = lock_path(root)
-    fd, holder = _lock_or_holder(path)
-    if fd is None:
-        token = run_token()
-        if token is None or holder.get("token") != token:
-            raise CheckoutBusyError(busy_message(path, holder))
-        yield  # the run that holds the checkout: its holder releases it
-        return
+    path.parent.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        token = run_token() or uuid.uuid4().hex
+        token = run_token()
+        if not _join_or_claim(fd, path, token):
+            yield  # joined the run that holds the checkout: its claimant clears the file
+            return
+        token = token or uuid.uuid4().hex
         _write_holder(fd, path.parent.parent, token)
+        _share(fd, path, token)
         previous = os.environ.get(TOKEN_ENV)
         os.environ[TOKEN_ENV] = token  # children started from here inherit it
-        _held_fds.append(fd)
         try:
             yield
         finally:
-            _held_fds.remove(fd)
             _restore_env(previous)
             os.ftruncate(fd, 0)  # a clean exit leaves no stale holder behind
     finally:
         os.close(fd)  # releases the flock
 
 
-def held_lock_fds() -> tuple[int, ...]:
-    """The lock files this process holds, for ``subprocess``'s ``pass_fds``.
+def _join_or_claim(fd: int, path: Path, token: str | None) -> bool:
+    """True: ``fd`` holds the lock exclusively (claim it); False: joined the holder's run with a
+    shared lock. Raises CheckoutBusyError when another run holds it.
 
-    A flock belongs to the open file, so a child given the descriptor holds the checkout with
-    its parent: if the parent is killed while the child still writes, the checkout stays
-    busy until the child ends too, instead of freeing while outputs are still being written.
+    A claimant holds the exclusive lock only for the moment it takes to write who it is: wait
+    that long for its details (the ranks of a job start together) or for its shared lock.
     """
-    return tuple(_held_fds)
-
-
-def _lock_or_holder(path: Path) -> tuple[int | None, dict[str, Any]]:
-    """``(fd, {})`` holding the lock, or ``(None, holder info)`` when another process holds it.
-
-    A holder writes its info right after taking the lock: wait a moment for it (the ranks of a
-    job start together), and take the lock if it frees meanwhile.
-    """
-    path.parent.mkdir(exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + HOLDER_WAIT_S
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd, {}
-        except BlockingIOError:
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
+        if _try_flock(fd, fcntl.LOCK_EX):
+            return True
         holder = read_holder(path)
-        if holder or time.monotonic() > deadline:
-            os.close(fd)
-            return None, holder
+        ours = bool(holder) and token is not None and holder.get("token") == token
+        if holder and not ours:
+            raise CheckoutBusyError(busy_message(path, holder))
+        if ours and _try_flock(fd, fcntl.LOCK_SH):
+            if read_holder(path).get("token") == token:
+                return False
+            fcntl.flock(fd, fcntl.LOCK_UN)  # another run claimed it meanwhile: refused next
+            continue
+        if time.monotonic() > deadline:
+            raise CheckoutBusyError(busy_message(path, holder))
         time.sleep(0.05)
+
+
+def _share(fd: int, path: Path, token: str) -> None:
+    """Turn the claimant's exclusive lock into a shared one, so its run's processes can join.
+
+    ``flock`` drops the old lock before taking the new one; a newcomer that slips into that gap
+    claims the checkout, writes its own token and shares in turn, and is found out here.
+    """
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits out such a newcomer's claim (milliseconds)
+    holder = read_holder(path)
+    if holder.get("token") != token:
+        raise CheckoutBusyError(busy_message(path, holder))
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _write_holder(fd: int, checkout: Path, token: str) -> None:
@@ -159,6 +175,20 @@ def _restore_env(previous: str | None) -> None:
         os.environ[TOKEN_ENV] = previous
 
 
+def _gone(holder: dict[str, Any]) -> bool:
+    """True when the holder named in the file ran on this host and has exited."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def busy_message(path: Path, holder: dict[str, Any]) -> str:
     """Who holds the checkout and what to do about it (the whole message the user sees)."""
     checkout = path.parent.parent
@@ -168,6 +198,13 @@ def busy_message(path: Path, holder: dict[str, Any]) -> str:
         return (f"this checkout ({checkout}) is busy: another process holds {path} but has not "
                 f"said who it is. Wait for it to finish, then run again. {advice}")
     pid, host = holder.get("pid", "?"), holder.get("host", "?")
+    if _gone(holder):
+        return (f"this checkout ({checkout}) is busy: the run that pid {pid} on host {host} "
+                f"started here ({holder.get('started', '?')}) has lost that process, but "
+                f"processes of the run (stage commands) still hold {path} and may still "
+                f"write. `fuser -v {path}` lists them: wait for them to end, or stop them. "
+                f"The lock frees itself when the last one exits.\n"
+                f"  command: {holder.get('command', '?')}")
     return (f"this checkout ({checkout}) is busy: another run is using it, one run at a time "
             "(two would write the same outputs).\n"
             f"  pid {pid} on host {host}, started {holder.get('started', '?')}\n"

@@ -2,20 +2,53 @@
 
 Params come from ``params/`` plus ``--set`` overrides. Errors a user can cause end with one
 message saying what to do; ``--debug`` shows the traceback.
+
+Exit codes say what kind of failure it was, so a script (or the Prefect flow) can act on it
+without reading messages: 0 done; 1 failed (a bug, or bad input the message names); 2 bad
+params or usage; :data:`EXIT_TRANSIENT` (69) a server, the network or a lock failed, and the same
+command may well work a minute later; :data:`~pilamim.checkout_lock.EXIT_BUSY` (75) another run
+holds this checkout. With env ``PILAMIM_REPORT_FILE`` set (the flow sets it for the stage
+commands DVC runs for it), the command writes its outcome there as JSON instead of printing the
+result: ``{"exit_code": 0, "result": {...}}`` or ``{"exit_code": N, "error": "..."}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError, hold_checkout
 from pilamim.config import GROUPS, ParamsError
+from pilamim.io import atomic_write_text
 from pilamim.params_files import load_params
 from pilamim.stages import TABLE, Stage, waves
 from pilamim.stages.runner import TrackingRequiredError
+
+# sysexits EX_UNAVAILABLE, "a service is unavailable". Not EX_BUSY's 75: a busy checkout is
+# another run, likely hours long, where retrying in a minute only wastes the retries.
+EXIT_TRANSIENT = 69
+ENV_REPORT_FILE = "PILAMIM_REPORT_FILE"
+# Failures of something outside the stage, worth another try: (module, class). Only modules
+# already imported can have raised them, so none is imported to check.
+TRANSIENT_TYPES = (
+    ("pilamim.tracking.server", "TrackingUnavailable"),
+    ("requests.exceptions", "ConnectionError"), ("requests.exceptions", "Timeout"),
+    ("requests.exceptions", "RetryError"),  # the server kept answering 429/5xx
+    ("urllib3.exceptions", "NewConnectionError"), ("urllib3.exceptions", "MaxRetryError"),
+    ("urllib3.exceptions", "ProtocolError"), ("urllib3.exceptions", "TimeoutError"),
+    ("botocore.exceptions", "ConnectionError"), ("botocore.exceptions", "ReadTimeoutError"),
+    ("dvc.lock", "LockError"),
+)
+# MLflow wraps HTTP failures without ``raise ... from`` (``mlflow.utils.rest_utils``): for these
+# the error being handled (``__context__``) counts as a cause too.
+IMPLICIT_WRAPPERS = (("mlflow.exceptions", "MlflowException"),)
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, PermissionError, LookupError)
 
 
 def _no_track_help(stage: Stage) -> str:
@@ -111,27 +144,80 @@ def format_models(rows: list[dict]) -> str:
                      for row in table)
 
 
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in names
+                 if module in sys.modules and hasattr(sys.modules[module], name))
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what it was raised from (``raise ... from``), and for MLflow's wrappers the
+    error they were raised while handling."""
+    implicit = _loaded(IMPLICIT_WRAPPERS)
+    seen: set[int] = set()
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or (link.__context__ if isinstance(link, implicit) else None)
+
+
+def is_transient(err: BaseException) -> bool:
+    """True when ``err`` (or what it wraps) is a failure of a server, the network or a lock —
+    the same command may work a minute later — decided by type, never by message: the tracking
+    server's :class:`~pilamim.tracking.server.TrackingUnavailable`, connection errors and
+    timeouts (builtin, requests, urllib3, botocore), DVC's lock, SQLite's "busy"/"locked"."""
+    transient = (ConnectionError, TimeoutError, *_loaded(TRANSIENT_TYPES))
+    for link in _causes(err):
+        if isinstance(link, transient):
+            return True
+        code = getattr(link, "sqlite_errorcode", None)  # extended codes keep the primary in 0xff
+        if isinstance(link, sqlite3.OperationalError) and code is not None and (
+                (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)):
+            return True
+    return False
+
+
+def failure(err: Exception) -> tuple[int, str | None]:
+    """``(exit code, message for the user)`` of an error; the message is None for an error
+    nobody foresaw (a bug: its traceback is the message)."""
+    if isinstance(err, ParamsError):
+        return 2, f"invalid params:\n{err}"
+    if isinstance(err, TrackingRequiredError):  # a usage error, like bad params; nothing written
+        return 2, f"error: {err}"
+    if isinstance(err, CheckoutBusyError):  # not a bug: no traceback, even with --debug
+        return EXIT_BUSY, str(err)
+    message = err.args[0] if isinstance(err, LookupError) and err.args else err
+    if is_transient(err):
+        return EXIT_TRANSIENT, (f"error: {message}\n(a server, the network or a lock failed: "
+                                f"run it again later; what is saved is kept)")
+    if isinstance(err, USER_ERRORS):
+        return 1, f"error: {message}"
+    return 1, None
+
+
+def report(outcome: dict[str, Any]) -> bool:
+    """Write ``outcome`` to env ``PILAMIM_REPORT_FILE`` if set (atomically); True if written."""
+    path = os.environ.get(ENV_REPORT_FILE)
+    if path:
+        atomic_write_text(path, json.dumps(outcome, sort_keys=True, default=str))
+    return bool(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = _dispatch(args)
-    except ParamsError as err:
-        print(f"pilamim {args.command}: invalid params:\n{err}", file=sys.stderr)
-        return 2
-    except TrackingRequiredError as err:  # a usage error, like bad params; nothing written
-        print(f"pilamim {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except CheckoutBusyError as err:  # not a bug: no traceback, even with --debug
-        print(f"pilamim {args.command}: {err}", file=sys.stderr)
-        return EXIT_BUSY
-    except (FileNotFoundError, ValueError, RuntimeError, PermissionError, LookupError) as err:
-        if args.debug:
-            raise
-        message = err.args[0] if isinstance(err, LookupError) and err.args else err
-        print(f"pilamim {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    if result is not None:
-        print(json.dumps(_brief(result), indent=2, sort_keys=True, default=str))
+    except Exception as err:  # noqa: BLE001 - every failure ends in one exit code and message
+        code, message = failure(err)
+        if message is None or (args.debug and code in (1, EXIT_TRANSIENT)):
+            traceback.print_exc()
+        if message is not None:
+            print(f"pilamim {args.command}: {message}", file=sys.stderr)
+        report({"exit_code": code, "error": message or f"{type(err).__name__}: {err}"})
+        return code
+    brief = _brief(result) if result is not None else None
+    if not report({"exit_code": 0, "result": brief}) and brief is not None:
+        print(json.dumps(brief, indent=2, sort_keys=True, default=str))
     return 0
 
 

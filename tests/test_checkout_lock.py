@@ -3,7 +3,8 @@
 A holder process takes the checkout and waits; the second run comes through each entrance
 (stage command, ``pilamim run``, the flow, ``dvc repro``) and must be refused at once, naming
 the holder. What belongs to the holder's run (nested calls, its child processes, the ranks of
-one torchrun job) passes; a SIGKILLed holder blocks nothing.
+one torchrun job) passes, each holding a lock of its own, so a child outlives a killed holder
+busy; a SIGKILLed run blocks nothing once all its processes are gone.
 """
 
 from __future__ import annotations
@@ -160,17 +161,11 @@ def test_nested_holds_in_one_process_pass_and_restore_the_environment(checkout, 
 
 
 def test_a_child_process_of_the_holder_is_the_same_run(checkout, monkeypatch):
-    """The flow's isolated probe/finetune processes inherit the token and pass; a stranger's
+    """A stage command the flow's DVC starts inherits the token and passes; a stranger's
     identical command is refused. ``prepare`` then stops at its own input check."""
-    from pilamim_flows.isolation import execute_isolated
-
-    from pilamim.stages.runner import MissingInputError
-
     monkeypatch.chdir(checkout)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with hold_checkout():
-        with pytest.raises(MissingInputError, match="run `pilamim fetch` first"):
-            execute_isolated("prepare", Params())
         token = os.environ[TOKEN_ENV]
         child, _ = _pilamim(checkout, "prepare", "--no-track", **{TOKEN_ENV: token})
         assert child.returncode == 1 and "run `pilamim fetch` first" in child.stderr
@@ -224,28 +219,40 @@ def test_the_ranks_of_one_torchrun_job_share_the_checkout(checkout, holder):
 
 _PARENT_WITH_CHILD = """
 import subprocess, sys
-from pilamim.checkout_lock import held_lock_fds, hold_checkout
+from pilamim.checkout_lock import hold_checkout
 with hold_checkout():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                             pass_fds=held_lock_fds())
+    # as DVC starts a stage command: no descriptor handed down (close_fds), the token inherited
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE,
+                             text=True, close_fds=True)
+    assert child.stdout.readline().strip() == "joined"
     print(child.pid, flush=True)
     sys.stdin.read()
 """
+_STAGE = """
+import time
+from pilamim.checkout_lock import hold_checkout
+with hold_checkout():
+    print("joined", flush=True)
+    time.sleep(120)
+"""
 
 
-def test_a_child_given_the_lock_keeps_the_checkout_busy_after_its_parent_dies(checkout):
-    """The flow passes its lock to its stage processes: a flow killed on its own leaves them
-    writing, and the checkout stays busy until they end too."""
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT_WITH_CHILD], cwd=checkout,
+def test_a_stage_process_keeps_the_checkout_busy_after_its_flow_dies(checkout):
+    """A flow killed on its own leaves its stage command writing: the command holds a lock of
+    its own (nothing inherited), so the checkout stays busy until it ends too."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT_WITH_CHILD, _STAGE], cwd=checkout,
                               env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     child_pid = int(parent.stdout.readline())
     parent.send_signal(signal.SIGKILL)
     parent.wait(10)
     try:
-        with pytest.raises(CheckoutBusyError, match=f"pid {parent.pid} "):
+        with pytest.raises(CheckoutBusyError, match=f"pid {parent.pid} on host .* has lost"):
             with hold_checkout(checkout):
                 pass
+        stranger, seconds = _pilamim(checkout, "fetch", "--no-track")
+        assert stranger.returncode == EXIT_BUSY and seconds < REFUSAL_S, stranger.stderr
+        assert "still hold" in stranger.stderr and "fuser" in stranger.stderr
     finally:
         os.kill(child_pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -257,3 +264,36 @@ def test_a_child_given_the_lock_keeps_the_checkout_busy_after_its_parent_dies(ch
         time.sleep(0.05)
     with hold_checkout(checkout):
         assert read_holder(lock_path(checkout))["pid"] == os.getpid()
+
+
+_CONTENDER = """
+import os, sys, time
+from pathlib import Path
+from pilamim.checkout_lock import CheckoutBusyError, hold_checkout
+inside, claims, end = Path("inside"), 0, time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        with hold_checkout():
+            claims += 1
+            marker = inside / str(os.getpid())
+            marker.touch()
+            others = [p.name for p in inside.iterdir() if p != marker]
+            assert not others, f"{os.getpid()} holds the checkout with {others}"
+            marker.unlink()
+    except CheckoutBusyError:
+        pass
+print(claims)
+"""
+
+
+def test_of_runs_started_together_one_holds_the_checkout_at_a_time(checkout):
+    """Claiming takes the lock exclusively, then shares it with the run's own processes: under
+    contention no two runs are ever inside at once, also in the moment the claimant shares."""
+    (checkout / "inside").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, "4"], cwd=checkout, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [proc.communicate(timeout=60) for proc in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert sum(int(out) for out, _ in results) > 3  # they did take turns

@@ -1,15 +1,27 @@
-"""The library stages through the real CLI, as a user runs them, on tiny settings."""
+"""The library stages through the real CLI, as a user runs them, on tiny settings; and the exit
+code that tells a transient failure (worth a retry) from the others."""
 
 import hashlib
 import json
 import os
+import socket
+import sqlite3
 import subprocess
 import sys
 
 import pytest
+import requests
+from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+from dvc.lock import LockError
+from mlflow.exceptions import MlflowException
 
-from pilamim.config import Params
+from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError
+from pilamim.cli import ENV_REPORT_FILE, EXIT_TRANSIENT, failure, is_transient
+from pilamim.config import Params, ParamsError
+from pilamim.data.errors import DataError
 from pilamim.params_files import dump_params
+from pilamim.stages.runner import MissingInputError
+from pilamim.tracking.server import TrackingUnavailable
 
 
 def _pilamim(cwd, *args, env=None):
@@ -109,3 +121,76 @@ def test_register_refuses_no_track_before_writing_anything(tmp_path, monkeypatch
     for made in ("mlflow.db", "mlruns", "mlartifacts", ".pilamim", "metrics/register.json"):
         assert not (tmp_path / made).exists(), made
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _raised_from(err: Exception, cause: BaseException, implicit: bool = False) -> Exception:
+    if implicit:
+        err.__context__ = cause
+    else:
+        err.__cause__ = cause
+    return err
+
+
+def _sqlite_error(code: int) -> sqlite3.OperationalError:
+    err = sqlite3.OperationalError("database is locked")
+    err.sqlite_errorcode = code
+    return err
+
+
+@pytest.mark.parametrize("err", [
+    TrackingUnavailable("MLflow tracking server http://x is unreachable"),
+    ConnectionRefusedError("refused"),
+    TimeoutError("read timed out"),
+    requests.ConnectionError("refused"),
+    requests.exceptions.RetryError("too many 503 error responses"),
+    EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+    _sqlite_error(sqlite3.SQLITE_BUSY),
+    _sqlite_error(sqlite3.SQLITE_LOCKED | (1 << 8)),              # an extended "locked" code
+    LockError("Unable to acquire lock"),
+    # the data package wraps botocore's connection errors: the cause decides
+    _raised_from(DataError("cannot reach S3 endpoint"), EndpointConnectionError(endpoint_url="x")),
+    # MLflow's REST client wraps requests' errors without `from`; its SQL store with `from`
+    _raised_from(MlflowException("API request to http://x failed"),
+                 requests.ConnectionError("Max retries exceeded"), implicit=True),
+    _raised_from(MlflowException("(sqlite3.OperationalError) database is locked"),
+                 _sqlite_error(sqlite3.SQLITE_BUSY)),
+])
+def test_transient_failures_exit_with_their_own_code(err):
+    assert is_transient(err)
+    assert failure(err)[0] == EXIT_TRANSIENT
+
+
+@pytest.mark.parametrize(("err", "code"), [
+    (ParamsError("params/probe.yaml: unknown key 'epoch'"), 2),
+    (MissingInputError("`pilamim probe` needs x: run `pilamim pretrain` first"), 1),
+    (DataError("data.source '/nope': /nope does not exist"), 1),
+    (_raised_from(DataError("no credentials"), NoCredentialsError()), 1),
+    (RuntimeError("pretraining loss became nan"), 1),
+    # messages do not decide: these only read like outages
+    (MlflowException("RESOURCE_DOES_NOT_EXIST: connection refused"), 1),
+    (sqlite3.OperationalError("database is locked"), 1),
+    (_sqlite_error(sqlite3.SQLITE_CORRUPT), 1),
+    # a user error stays one even when raised while handling a network error
+    (_raised_from(ParamsError("bad"), ConnectionError("refused")), 2),
+    (_raised_from(ValueError("bad value"), ConnectionError("refused"), implicit=True), 1),
+    (CheckoutBusyError("busy"), EXIT_BUSY),
+])
+def test_other_failures_keep_their_codes(err, code):
+    assert failure(err)[0] == code
+
+
+def test_a_stage_that_finds_the_tracking_server_down_exits_transient(tmp_path):
+    """Reported to the file the flow names, not to stdout: exit code and message."""
+    dump_params(Params(), tmp_path / "params")
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    report = tmp_path / "report.json"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           ENV_REPORT_FILE: str(report)}
+    done = _pilamim(tmp_path, "fetch", env=env)
+    assert done.returncode == EXIT_TRANSIENT, done.stderr[-2000:]
+    assert "unreachable" in done.stderr and "run it again later" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    outcome = json.loads(report.read_text())
+    assert outcome["exit_code"] == EXIT_TRANSIENT and "unreachable" in outcome["error"]

@@ -1,12 +1,14 @@
 """Run one stage: check its inputs, open its MLflow run, call it, record what it produced.
 
-This is the single entrance the CLI (hence DVC) and the Prefect flow share, so a stage
-behaves and is tracked the same way whoever starts it.
+This is the single entrance of every stage: the CLI calls it, so DVC does, and so does the
+Prefect flow, which has DVC run the stage commands. A stage behaves and is tracked the same way
+whoever starts it.
 
 What to check, log and refuse comes from the stage table (:mod:`pilamim.stages`), so nothing here
 names a particular stage. Layers: the runner imports :mod:`pilamim.tracking` (MLflow) only inside
 :func:`_execute`, when a run is tracked, and tracking does not import the runner; neither imports
-Prefect. Whoever orchestrates (the Prefect flow) hands its own ids in as ``extra_tags``.
+Prefect. Whoever orchestrates hands its own ids down: in env ``PILAMIM_RUN_TAGS`` to a stage
+command (the Prefect flow does), or as ``extra_tags`` to a call in its own process.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def execute(stage: str, params: Params, *, track: bool = True,
     :class:`TrackingRequiredError` before the checkout is taken.
     Every entrance comes through here, so here the stage holds the checkout
     (:mod:`pilamim.checkout_lock`): a second run in the same working directory is refused
-    instead of overwriting this one's outputs; the flow's own calls and processes pass.
+    instead of overwriting this one's outputs; the processes of the run that holds it (the
+    stage commands the flow has DVC start) join it.
     """
     if not track:
         check_untracked_allowed(stage)

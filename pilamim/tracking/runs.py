@@ -13,11 +13,12 @@ execution, the DVC/prepared data digest, and system metrics (CPU, memory, GPU) s
 in the background.
 
 Prefect is orchestration, not tracking: this module never imports it (``tests/test_layers.py``
-checks that no :mod:`pilamim` module does). A run started by the Prefect flow
-gets its flow-run and task-run ids because the flow, which has them, passes them in as
-``extra_tags`` (:func:`pipeline_run`, :func:`pilamim.stages.runner.execute`) or tags a stage
-run made in a child process once it returns; the one id read here is the environment variable
-``PREFECT__FLOW_RUN_ID`` that Prefect's workers export to the processes they start.
+checks that no :mod:`pilamim` module does). A run started by the Prefect flow gets its flow-run
+and task-run ids because the flow, which has them, hands them down: as ``extra_tags`` to the
+pipeline run it opens itself (:func:`pipeline_run`), and to the stage commands it starts (DVC
+runs them) through the environment variable ``PILAMIM_RUN_TAGS`` (:func:`env_tags`), as it hands
+them the parent run id (``PILAMIM_PARENT_RUN_ID``). ``PREFECT__FLOW_RUN_ID``, which Prefect's
+workers export to the processes they start, is read too.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ QUIETED_LOGGERS = ("mlflow.system_metrics", "mlflow.store.db.utils")
 # Env vars (read at call time, so tests and the Prefect flow can set them).
 ENV_PIPELINE_ID = "PILAMIM_PIPELINE_ID"
 ENV_PARENT_RUN_ID = "PILAMIM_PARENT_RUN_ID"
+ENV_RUN_TAGS = "PILAMIM_RUN_TAGS"  # a JSON object of extra tags for stage runs
 
 # Tag keys written on every stage run (and, for lineage, on model versions).
 TAG_STAGE = "pilamim.stage"
@@ -116,10 +118,31 @@ def prefect_ids() -> dict[str, str]:
 
     Only the environment is read: importing Prefect here would cost every CLI/DVC stage seconds
     and tie tracking to one orchestrator. The flow passes the ids of its run context itself
-    (module docstring); ``extra_tags`` are applied after these, so its ids win.
+    (module docstring); :func:`env_tags` and ``extra_tags`` are applied after these, so its
+    ids win.
     """
     env_id = os.environ.get("PREFECT__FLOW_RUN_ID")
     return {TAG_PREFECT_FLOW_RUN: env_id} if env_id else {}
+
+
+def env_tags() -> dict[str, str]:
+    """The tags env ``PILAMIM_RUN_TAGS`` (a JSON object) asks for on a stage run; {} when unset.
+
+    How an orchestrator that starts the stage command in another process (the Prefect flow, via
+    ``dvc repro``) labels its run, the way ``PILAMIM_PARENT_RUN_ID`` links it. Lineage tags are
+    best effort: a value that is not a JSON object is logged and ignored, not fatal to a stage.
+    """
+    raw = os.environ.get(ENV_RUN_TAGS)
+    if not raw:
+        return {}
+    try:
+        tags = json.loads(raw)
+    except ValueError:
+        tags = None
+    if not isinstance(tags, dict):
+        log.warning("ignoring %s: not a JSON object of tags: %.200s", ENV_RUN_TAGS, raw)
+        return {}
+    return {str(key): str(value) for key, value in tags.items()}
 
 
 # ----------------------------------------------------------------------------- stage runs
@@ -202,6 +225,7 @@ def stage_run(stage_name: str, params: Params, *, groups: Iterable[str] | None =
         TAG_GIT_DIRTY: str(dirty).lower(),
         TAG_OWNER: owner_tag(),
         **prefect_ids(),
+        **env_tags(),
     }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit

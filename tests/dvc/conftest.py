@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,6 @@ class DvcRepo:
     env: dict[str, str]
     s3: S3Server
     first_repro: str = ""
-    before_repro: dict[str, bool] = field(default_factory=dict)
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a command (``dvc``, ``git``, ...) in the repo; fail with its output if it fails."""
@@ -129,11 +128,7 @@ def s3_images(seaweedfs: S3Server) -> S3Server:
 @pytest.fixture(scope="session")
 def dvc_repo(tmp_path_factory, s3_images) -> DvcRepo:
     """The repo after one ``dvc repro`` (the first test asserts what that run did)."""
-    from pilamim_flows import dvc_state
-
     repo = make_repo(tmp_path_factory.mktemp("dvc") / "repo", s3_images)
-    repo.before_repro = {s: dvc_state.stage_up_to_date(s, repo.root)
-                         for s in ("fetch", "register")}
     done = repo.dvc("repro")
     repo.first_repro = done.stdout + done.stderr
     return repo

@@ -1,8 +1,7 @@
-"""Helpers for the flow tests: tiny params, a temporary git + DVC repo like this one."""
+"""Helpers for the flow tests: tiny params, a temporary git + DVC checkout like a user's."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,18 @@ import pytest
 
 from pilamim.config import Params
 from pilamim.params_files import dump_params
+from tests.fresh_checkout import REPO, fresh_checkout
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["EXPERIMENT", "FOREIGN_ENV", "REPO", "clear_mlflow", "dvc", "make_dvc_repo",
+           "tiny_params", "tracked_env"]
+
 EXPERIMENT = "pilamim-flow-test"
 
 # Variables that would link our runs to someone else's (see pilamim.tracking).
 FOREIGN_ENV = ("PILAMIM_PIPELINE_ID", "PILAMIM_PARENT_RUN_ID", "MLFLOW_RUN_ID",
-               "PREFECT__FLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+               "PILAMIM_RUN_TAGS", "PILAMIM_REPORT_FILE", "PREFECT__FLOW_RUN_ID",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 
 
 def tracked_env(mp: pytest.MonkeyPatch, folder: Path) -> str:
@@ -49,27 +52,18 @@ def tiny_params() -> Params:
     return p
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"{' '.join(cmd)}: {done.stdout}\n{done.stderr}"
+def dvc(cwd: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout}\n{done.stderr}"
     return done.stdout
 
 
-def dvc(cwd: Path, *args: str) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], cwd)
-
-
 def make_dvc_repo(root: Path, params: Params) -> Path:
-    """A git + DVC repo with this repository's dvc.yaml, the pilamim code it names as deps
-    and ``params`` written to ``params/``."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "pilamim", root / "pilamim",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    """A fresh git + DVC checkout of this repository (:func:`tests.fresh_checkout.fresh_checkout`)
+    with ``params`` written to ``params/``."""
+    fresh_checkout(root)
     dump_params(params, root / "params")
-    _run(["git", "init", "-q"], root)
-    dvc(root, "init", "-q")
-    dvc(root, "config", "core.analytics", "false")
     return root
 
 

@@ -1,12 +1,15 @@
-"""User errors through the real flow: they fail fast, once, with the message that says why."""
+"""Failures through the real flow and Prefect: a user error fails fast, once, with the message
+that says why; a transient one (the tracking server down) is retried."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pilamim_flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
+from pilamim_flows.pipeline import ARTIFACT_KEY, RETRIES, STAGE_TASKS, pilamim_pipeline
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -17,7 +20,7 @@ from prefect.client.schemas.filters import (
 )
 
 from pilamim.config import ParamsError
-from pilamim.params_files import dump_params
+from pilamim.params_files import dump_params, load_params
 from tests.flows.support import EXPERIMENT, clear_mlflow, tiny_params, tracked_env
 
 
@@ -71,3 +74,30 @@ def test_a_params_file_with_a_typo_fails_before_any_stage(workdir):
         state.result()
     assert _task_runs(state) == {}
     assert not (workdir / "mlflow.db").exists()        # nothing recorded, nothing half-written
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@flow
+def _fetch_only(params_dir: str) -> None:
+    """The flow's fetch task, without waiting between retries."""
+    task = STAGE_TASKS["fetch"].with_options(retry_delay_seconds=0)
+    task("fetch", load_params(params_dir), params_dir, False)
+
+
+def test_a_stage_that_finds_the_tracking_server_down_is_retried(workdir, monkeypatch):
+    """The stage command exits with the transient code (the tracking server does not answer):
+    Prefect retries the task, each try a new command, then reports the outage."""
+    dump_params(tiny_params(), workdir / "params")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    state = _fetch_only("params", return_state=True)
+    assert state.is_failed()
+    fetch = _task_runs(state)["fetch"]
+    assert fetch.run_count == RETRIES + 1, fetch.state.message
+    assert "(exit code 69)" in fetch.state.message and "unreachable" in fetch.state.message
+    assert not (workdir / "data" / "raw").exists()     # refused before fetching anything

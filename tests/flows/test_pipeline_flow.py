@@ -2,17 +2,19 @@
 
 One repository serves the module; the tests run in file order and each starts from what the
 previous flow run left (as a user would run the flow again): a first run does everything, a
-second one skips everything, a probe param change reruns probe and register only.
+second one skips everything, a probe param change reruns probe and register only. The stage
+commands run as DVC starts them (``dvc repro``'s way), so every branch of a task in a DVC repo
+runs here: ran, skipped; a failed stage is in ``test_flow_failures.py``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pilamim_flows.isolation import stage_slots
 from pilamim_flows.pipeline import ARTIFACT_KEY, pilamim_pipeline
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -24,7 +26,7 @@ from prefect.client.schemas.filters import (
 )
 
 from pilamim.params_files import load_params
-from pilamim.stages import STAGES
+from pilamim.stages import STAGES, waves
 from pilamim.stages.lineage import eval_protocol
 from tests.flows.support import clear_mlflow, dvc, make_dvc_repo, tiny_params, tracked_env
 
@@ -67,7 +69,7 @@ def test_first_run_completes_every_stage(repo, first):
     for name, tr in task_runs.items():
         assert tr.state.is_completed(), (name, tr.state)
         assert tr.run_count == 1
-        # results are persisted (NO_CACHE still writes them): the API state reads them back
+        # results are persisted (persist_result=True): the API state reads them back
         assert tr.state.result()["stage"] == name
     for path in ("data/prepared/manifest.csv", "models/pretrain/encoder.safetensors",
                  "metrics/pretrain.json", "metrics/probe.json", "metrics/finetune.json",
@@ -77,21 +79,14 @@ def test_first_run_completes_every_stage(repo, first):
     assert "finetune_top1" in summary["metrics"] and "knn_top1" in summary["metrics"]
 
 
-def test_probe_and_finetune_share_the_cores_as_stage_slots_says(first):
-    """Side by side where each gets 4+ threads; on fewer cores in turn, all cores each."""
+def test_stages_run_in_turn_in_the_stage_table_order(first):
+    """One stage at a time (DVC holds its repo lock per reproduce): each task starts after the
+    one before it ended, in the order of the stage table's waves."""
     _, _, task_runs = first
-    probe, finetune = task_runs["probe"], task_runs["finetune"]
-    overlapped = probe.start_time < finetune.end_time and finetune.start_time < probe.end_time
-    assert overlapped == (stage_slots(2)[0] == 2)
-    assert task_runs["register"].start_time >= max(probe.end_time, finetune.end_time)
-
-
-def test_stage_slots_give_every_stage_a_useful_thread_pool():
-    assert stage_slots(2, cores=2) == (1, 2)     # in turn: each gets both cores
-    assert stage_slots(2, cores=7) == (1, 7)
-    assert stage_slots(2, cores=8) == (2, 4)
-    assert stage_slots(2, cores=16) == (2, 8)
-    assert stage_slots(2, cores=1) == (1, 1)
+    order = [s for wave in waves() for s in wave]
+    assert sorted(task_runs, key=lambda n: task_runs[n].start_time) == order
+    for before, after in itertools.pairwise(order):
+        assert task_runs[after].start_time >= task_runs[before].end_time, (before, after)
 
 
 def test_first_version_is_registered_as_champion(repo, first):

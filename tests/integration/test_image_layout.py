@@ -11,8 +11,8 @@ lines (through the Dockerfile's dockerignore allow-list) and builds the wheel fr
 installs the wheel non-editable into a clean venv (the image's /opt/venv; the third-party
 packages come from this checkout's venv through a ``.pth`` file, so nothing is downloaded),
 replays the runtime stage's COPY lines and the RUN lines after its WORKDIR into a temp
-workspace, then runs ``fetch`` the way the Prefect worker does (the stage, then
-``pilamim_flows.dvc_state.commit_stage``) and ``prepare`` the way ``dvc repro`` does. Dropping a
+workspace, then runs ``fetch`` the way the Prefect worker does (the flow's task,
+``pilamim_flows.pipeline.reproduce``) and ``prepare`` the way ``dvc repro`` does. Dropping a
 COPY or RUN line the pipeline needs makes it fail.
 """
 
@@ -398,16 +398,14 @@ def test_every_code_dep_in_the_workspace_is_the_installed_code(image):
 
 @pytest.mark.slow
 def test_a_stage_run_in_the_image_is_recorded_by_dvc_and_then_up_to_date(image, tmp_path):
-    """fetch the way the Prefect worker runs it (stage, then dvc_state.commit_stage), then
-    prepare through `dvc repro`; both end up in dvc.lock and DVC finds nothing to do."""
+    """fetch the way the Prefect worker runs it (the flow's task: DVC reproduces the stage and
+    records it), then prepare through `dvc repro`; both end up in dvc.lock and DVC finds
+    nothing to do."""
     point_data_at(image.workspace, make_images(tmp_path / "images"))
-    bookkeeping = ("from pilamim_flows import dvc_state; "
-                   "print(dvc_state.stage_up_to_date('fetch'))")
-    assert image.run(str(image.python), "-c", bookkeeping).stdout.split() == ["False"]
-    image.run("pilamim", "fetch")
-    image.run(str(image.python), "-c", "from pilamim_flows import dvc_state; "
-                                       "dvc_state.commit_stage('fetch')")
-    assert image.run(str(image.python), "-c", bookkeeping).stdout.split() == ["True"]
+    task = ("from pilamim_flows.pipeline import reproduce; "
+            "print(reproduce('fetch', 'params', False, {}))")
+    assert image.run(str(image.python), "-c", task).stdout.split()[-1] == "True"  # it ran
+    assert image.run(str(image.python), "-c", task).stdout.split()[-1] == "False"  # up to date
 
     repro = image.run("dvc", "repro", "prepare")
     assert "'fetch' didn't change" in repro.stdout, repro.stdout  # the flow's record counts
