@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import PreparedDataset
@@ -25,6 +24,7 @@ from pilamim.device import autocast_dtype
 from pilamim.evaluate.features import extract_features
 from pilamim.evaluate.finetune import finetune_transform, run_finetune
 from pilamim.evaluate.linear_probe import run_linear_probe
+from pilamim.loggers import Logger, NullLogger
 from pilamim.model.export import load_encoder, read_spec
 
 from .lowlevel import LOWLEVEL_CLASSES, EvalImages

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import FinetuneParams
 from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import make_loader
@@ -33,6 +32,7 @@ from pilamim.evaluate.linear_probe import report_split
 from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
 from pilamim.evaluate.seeding import seeded
 from pilamim.evaluate.timm_compat import safe_posterize
+from pilamim.loggers import Logger, NullLogger
 from pilamim.model.export import WEIGHTS, read_spec
 from pilamim.recipes import resolve_crop_scale, uses_mae_regularisation
 from pilamim.schedules import cosine_with_warmup, set_lr

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pilamim.callbacks import Logger, MemoryLogger, NullLogger
 from pilamim.config import ProbeParams
 from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import extract_features, make_loader
@@ -29,6 +28,7 @@ from pilamim.evaluate.knn import knn_metrics
 from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
 from pilamim.evaluate.seeding import seeded
 from pilamim.io import OutputBatch, atomic_write
+from pilamim.loggers import Logger, MemoryLogger, NullLogger
 from pilamim.schedules import cosine_with_warmup, set_lr
 
 Batches = Callable[[int], Iterator[tuple[Tensor, Tensor]]]

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pilamim.callbacks import Logger
 from pilamim.io import OutputBatch, atomic_write
+from pilamim.loggers import Logger
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:

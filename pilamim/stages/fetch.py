@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pilamim.callbacks import Logger
 from pilamim.config import Params
 from pilamim.data.sources import check_image_root, materialize
+from pilamim.loggers import Logger
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:

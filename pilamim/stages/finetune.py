@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
@@ -15,6 +14,7 @@ from pilamim.device import resolve_device
 from pilamim.evaluate.finetune import finetune_transform, run_finetune
 from pilamim.evaluate.metrics import save_eval_outputs
 from pilamim.io import OutputBatch, ensure_writable
+from pilamim.loggers import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.model.export import export_encoder, read_spec
 from pilamim.stages.lineage import LINEAGE_KEY, check_encoder_fits_data, eval_lineage
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.prepare import prepare
 from pilamim.data.prepared import DATASET_FILE, MANIFEST_FILE
+from pilamim.loggers import Logger, NullLogger
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
+from pilamim.loggers import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.train import pretrain
 from pilamim.train.distributed import launch_rank
 from pilamim.train.loop import resume_step

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from pilamim.callbacks import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
@@ -16,6 +15,7 @@ from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
 from pilamim.evaluate.metrics import save_eval_outputs
 from pilamim.io import OutputBatch, ensure_writable
+from pilamim.loggers import CSVLogger, Logger, MultiLogger, NullLogger
 from pilamim.model.export import load_encoder, read_spec
 from pilamim.recipes import auto_crop_scale
 from pilamim.stages.lineage import LINEAGE_KEY, check_encoder_fits_data, eval_lineage

@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pilamim.callbacks import Logger
 from pilamim.config import Params, RegisterParams
+from pilamim.loggers import Logger
 from pilamim.registry.model_logging import read_encoder_config
 from pilamim.registry.registration import RegisterInputs, register_encoder
 from pilamim.stages import registered_metrics

@@ -1,4 +1,4 @@
-"""The :class:`pilamim.callbacks.Logger` a stage plugs into the library: metrics to MLflow.
+"""The :class:`pilamim.loggers.Logger` a stage plugs into the library: metrics to MLflow.
 
 Metrics go out through MLflow's asynchronous logging (``log_batch(..., synchronous=False)``):
 MLflow's worker threads send them while training goes on. MLflow's queue reports a failed batch
@@ -34,7 +34,7 @@ MLFLOW_QUEUE_LOGGER = "mlflow.utils.async_logging.async_logging_queue"
 
 
 class MLflowLogger:
-    """:class:`pilamim.callbacks.Logger` that sends metrics with MLflow's asynchronous logging.
+    """:class:`pilamim.loggers.Logger` that sends metrics with MLflow's asynchronous logging.
 
     :meth:`log_metrics` never waits on the tracking store. A failing store costs no curve and
     stops nothing:

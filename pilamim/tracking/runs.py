@@ -2,7 +2,7 @@
 
 MLflow is imported only under :mod:`pilamim.tracking` (this module; :mod:`.server`: where runs
 go, fast failure; :mod:`.logger`; :mod:`.datasets`; :mod:`.owners`) and :mod:`pilamim.registry`;
-the library reports through the :class:`pilamim.callbacks.Logger` protocol and a stage plugs
+the library reports through the :class:`pilamim.loggers.Logger` protocol and a stage plugs
 :class:`pilamim.tracking.logger.MLflowLogger` into it.
 
 What every stage run records (:func:`stage_run`): the stage name as the run name, the validated

@@ -1,6 +1,6 @@
 """The pretraining loop: resumable, DDP-aware, no host sync per step on the GPU.
 
-Reports through a :class:`pilamim.callbacks.Logger`; writes the checkpoint, the exported encoder
+Reports through a :class:`pilamim.loggers.Logger`; writes the checkpoint, the exported encoder
 and ``metrics/pretrain.json``. Its output folders are checked writable before anything else (a
 read-only ``metrics/`` is not found after the training), and the end of a run (checkpoint
 promotion, encoder, metrics JSON last) is one :class:`OutputBatch`: all of it appears, or none.
@@ -30,12 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pilamim.callbacks import Logger, NullLogger
 from pilamim.config import Params
 from pilamim.data.prepared import PreparedDataset, load_prepared
 from pilamim.data.pretrain_input import PretrainInput, pretrain_input
 from pilamim.device import resolve_device
 from pilamim.io import OutputBatch, ensure_writable
+from pilamim.loggers import Logger, NullLogger
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
 from pilamim.recipes import resolve_crop_scale

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pilamim.callbacks import Logger
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import PreparedDataset
 from pilamim.data.transforms import eval_transform
 from pilamim.evaluate.features import extract_features
 from pilamim.evaluate.knn import knn_metrics
+from pilamim.loggers import Logger
 from pilamim.model import PiLaMIM
 from pilamim.train.figures import reconstruction_figure
 from pilamim.train.step import LOSS_TERMS

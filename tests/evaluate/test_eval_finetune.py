@@ -6,7 +6,6 @@ import torch
 from eval_helpers import CLASSES, ENCODER_KWARGS, write_encoder_dir
 from PIL import Image
 
-from pilamim.callbacks import MemoryLogger
 from pilamim.config import FinetuneParams
 from pilamim.evaluate.finetune import (
     EncoderLoadError,
@@ -15,6 +14,7 @@ from pilamim.evaluate.finetune import (
     finetune_transform,
     run_finetune,
 )
+from pilamim.loggers import MemoryLogger
 from pilamim.schedules import cosine_with_warmup, set_lr
 
 TINY = dict(epochs=2, warmup_epochs=1, batch_size=16, device="cpu", drop_path=0.1)

@@ -4,7 +4,6 @@ from eval_helpers import CLASSES
 from timm.optim import Lars
 from torch.utils.data import TensorDataset
 
-from pilamim.callbacks import MemoryLogger
 from pilamim.config import ProbeParams
 from pilamim.evaluate.features import extract_features
 from pilamim.evaluate.linear_probe import (
@@ -14,6 +13,7 @@ from pilamim.evaluate.linear_probe import (
     run_linear_probe,
     select_candidate,
 )
+from pilamim.loggers import MemoryLogger
 
 # Few samples, few steps: LARS's trust ratio (0.001 x |w| / |g|) needs a large lr to move;
 # lr = 100 x 16 / 256 = 6.25 is MAE's effective probe lr (0.1 x 16384 / 256 = 6.4).

@@ -13,9 +13,9 @@ import pytest
 import torch
 from eval_helpers import CLASSES, ENCODER_KWARGS, make_encoder
 
-from pilamim.callbacks import MemoryLogger
 from pilamim.evaluate.metrics import classification_metrics, save_eval_outputs
 from pilamim.io import OutputBatch
+from pilamim.loggers import MemoryLogger
 from pilamim.model.export import export_encoder
 
 MODEL_NAME = "vit_tiny_patch16_224"

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import pilamim.stages.pretrain as pretrain_stage
-from pilamim.callbacks import MemoryLogger
 from pilamim.io import OutputNotWritableError, ensure_writable
+from pilamim.loggers import MemoryLogger
 from pilamim.params_files import dump_params
 from pilamim.train import NonFiniteLossError, pretrain
 from pilamim.train.checkpoint import (

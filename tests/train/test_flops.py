@@ -6,8 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pilamim.callbacks import MemoryLogger
 from pilamim.config import ModelParams, Params, PretrainParams
+from pilamim.loggers import MemoryLogger
 from pilamim.train import pretrain
 from pilamim.train.distributed import DistInfo
 from pilamim.train.flops import (

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pilamim.callbacks import MemoryLogger
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
 from pilamim.data.transforms import eval_transform
+from pilamim.loggers import MemoryLogger
 from pilamim.params_files import dump_params
 from pilamim.train import NonFiniteLossError, pretrain
 from pilamim.train.monitors import figure_batch, one_per_class

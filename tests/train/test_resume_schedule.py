@@ -17,7 +17,7 @@ import torch
 
 import pilamim.recipes as recipes
 import pilamim.stages.pretrain as pretrain_stage
-from pilamim.callbacks import MemoryLogger
+from pilamim.loggers import MemoryLogger
 from pilamim.schedules import cosine_with_warmup
 from pilamim.train import pretrain
 from pilamim.train.loop import resume_step

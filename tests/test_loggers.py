@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from pilamim.callbacks import CSVLogger
+from pilamim.loggers import CSVLogger
 
 
 def _rows(path):
