@@ -148,3 +148,19 @@ def wait_until_up(proc, url: str, log_path: Path, what: str, timeout_s: float) -
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"{what} did not start:\n" + log_path.read_text()[-3000:])
         time.sleep(0.5)
+
+
+def stop_process_group(proc) -> None:
+    """SIGTERM a server's process group (uvicorn workers included), SIGKILL if it lingers."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from tests.mlflow_store import (  # noqa: F401
     free_port,
     mlflow_store,
     params,
+    stop_process_group,
     wait_until_up,
 )
 
@@ -39,19 +39,8 @@ def mlflow_server(tmp_path, empty_store):  # noqa: F811 - the fixture imported a
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(proc, f"{uri}/health", tmp_path / "server" / "log.txt", "mlflow server", 90)
-        yield uri, lambda: _stop(proc)
+        yield uri, lambda: stop_process_group(proc)
     finally:
-        _stop(proc)
+        stop_process_group(proc)
         log.close()
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn workers included), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,14 @@ from pilamim.data.bit_depth import to_8bit
 from pilamim.registry import embedder as emb
 from pilamim.registry.model_logging import load_registered_encoder
 from pilamim.stages import register as register_step
-from tests.mlflow_store import FEATURE_DIM, free_port, wait_until_up, write_metrics, write_prepared
+from tests.mlflow_store import (
+    FEATURE_DIM,
+    free_port,
+    stop_process_group,
+    wait_until_up,
+    write_metrics,
+    write_prepared,
+)
 
 MEAN, STD = [0.286], [0.353]      # export_tiny_encoder's
 RGB_MEAN, RGB_STD = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
@@ -174,17 +180,6 @@ def test_predict_any_layout_and_size(encoder_dir):
 # ----------------------------------------------------------------- mlflow models serve
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def test_champion_serves_raw_pixels_like_the_torch_encoder(tmp_path, params, encoder_dir):
     write_prepared(tmp_path / "data" / "prepared")
     write_metrics(tmp_path / "metrics" / "probe.json", top1=0.5, top5=0.9)
@@ -240,5 +235,5 @@ def test_champion_serves_raw_pixels_like_the_torch_encoder(tmp_path, params, enc
         assert "does not match expected shape" in refused.json()["message"]
         assert invoke(grey.astype(np.int64) + 200).status_code == 400      # 200..455
     finally:
-        _stop(proc)
+        stop_process_group(proc)
         log.close()
