@@ -7,8 +7,10 @@ before a connection error that names neither the setting nor the way out.
 from __future__ import annotations
 
 
-class PrefectUnavailable(RuntimeError):
-    """The Prefect API cannot be reached; the message says what to check."""
+class PrefectUnavailable(ConnectionError):
+    """The Prefect API cannot be reached; the message says what to check. A connection error,
+    so ``pilamim run`` exits with :data:`pilamim.cli.EXIT_TRANSIENT` (69), as for a tracking
+    server that is down: run it again later."""
 
 
 def configured_api_url() -> str | None:
