@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     PositiveFloat,
+    field_validator,
     model_validator,
 )
 
@@ -44,13 +45,30 @@ class DataParams(_Strict):
         None, description="folder with the full Fashion-MNIST gzip IDX files; "
         "null uses the bundled subset"
     )
-    raw_dir: str = Field("data/raw", description="where a source is materialised as image files")
-    out_dir: str = Field("data/prepared", description="manifest.csv + dataset.json go here")
+    raw_dir: str = Field("data/raw", description="where `fetch` writes the source's inventory")
+    out_dir: str = Field("data/prepared",
+                         description="shards/, manifest.csv and dataset.json go here")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     max_images_per_class: int | None = Field(None, ge=1, description="cap per class (null: all)")
     bad_images: Literal["skip", "fail"] = "skip"
     seed: int = Field(0, ge=0)
+    shard_mb: float = Field(64.0, gt=0.0, le=4096.0,
+                            description="about this many MB of image files per shard")
+    workers: int | None = Field(None, ge=1, description="prepare's processes (null: all cores); "
+                                "the shards do not depend on it")
+    shards_uri: str | None = Field(
+        None, description="s3://bucket/prefix to keep the shards in (under <prefix>/<digest>/), "
+        "null: <out_dir>/shards"
+    )
+
+    @field_validator("shards_uri")
+    @classmethod
+    def _shards_uri_is_s3(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("s3://"):
+            raise ValueError(f"shards_uri {value!r}: expected s3://bucket/prefix, or null to "
+                             "keep the shards under out_dir")
+        return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataParams:

@@ -15,6 +15,7 @@ Three levels, each for a reason:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -153,3 +154,12 @@ def ensure_writable(folders: Iterable[str | Path]) -> None:
                 f"cannot write to the output folder {folder} ({err.strerror or err}); make it a "
                 "writable folder (fix its permissions, or move away a file with its name) or "
                 "point the params at another path (checked before any work)") from err
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in blocks (shards and model weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

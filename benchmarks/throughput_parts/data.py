@@ -47,30 +47,50 @@ class RepeatedEpochs(torch.utils.data.Sampler):
         return self.total
 
 
+def shards_of(folder: str) -> Any:
+    """The JPEG folder as the pipeline reads data: prepared into shards (all but one image per
+    class in the train split), once per folder; later runs load the prepared set."""
+    import hashlib
+    import tempfile
+
+    from pilamim.config import DataParams
+    from pilamim.data.prepare import prepare
+    from pilamim.data.prepared import load_prepared
+
+    root = Path(folder).resolve()
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    work = Path(tempfile.gettempdir()) / "pilamim-benchmark-shards" / key
+    params = DataParams(source=str(root), raw_dir=str(work / "raw"),
+                        out_dir=str(work / "prepared"), val_fraction=0.0, test_fraction=0.01)
+    try:
+        prepared = load_prepared(params.out_dir)
+        if len(prepared.records) == len(scan_jpegs(folder)[0]):
+            return prepared
+    except (OSError, ValueError):
+        pass
+    return prepare(params)
+
+
 def data_loader(s: dict[str, Any], device: torch.device):
     """(DataLoader, function batch -> normalised (B, 3, S, S) float tensor on the device), built
-    by the pretraining loop's own :func:`pretrain_input` over a manifest of the JPEG folder."""
+    by the pretraining loop's own :func:`pretrain_input` over the JPEG folder's shards."""
     from torch.utils.data import DataLoader
 
-    from pilamim.data.prepared import PreparedDataset, Record
     from pilamim.data.pretrain_input import pretrain_input
 
     if s["pipeline"] != "pil" and device.type != "cuda" and s["device"] != "cpu":
         raise RuntimeError(f"pipeline {s['pipeline']!r} decodes on the GPU and no GPU is "
                            "visible (pass --device cpu to exercise it on the CPU, for tests)")
-    paths, labels, classes = scan_jpegs(s["data"])
-    root = Path(s["data"]).resolve()
-    records = [Record(p.relative_to(root).as_posix(), label, "train", "")
-               for p, label in zip(paths, labels, strict=True)]
-    prepared = PreparedDataset(root=root, classes=classes, channels=3, mean=IMAGENET_MEAN,
-                               std=IMAGENET_STD, digest="benchmark", records=records)
+    prepared = shards_of(s["data"])
+    prepared.mean, prepared.std = IMAGENET_MEAN, IMAGENET_STD
     source = pretrain_input(prepared, "train", s["img_size"], (0.2, 1.0), True, s["pipeline"],
                             device, cache=False)
     total = (s["batches"] + s["warmup_batches"]) * s["batch"]
     loader = DataLoader(source.dataset, batch_size=s["batch"],
-                        sampler=RepeatedEpochs(len(paths), total, s["seed"]), drop_last=True,
-                        num_workers=s["workers"], pin_memory=device.type == "cuda",
-                        persistent_workers=False, collate_fn=source.collate_fn)
+                        sampler=RepeatedEpochs(len(source.dataset), total, s["seed"]),
+                        drop_last=True, num_workers=s["workers"],
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        collate_fn=source.collate_fn)
     return loader, source.to_device
 
 

@@ -8,6 +8,7 @@ worker count or order; the caller's global RNG streams are left untouched.
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from pilamim.data.bit_depth import to_8bit
 from pilamim.data.prepared import PreparedDataset
+from pilamim.data.shard_reader import ShardReader
 from pilamim.data.transforms import to_normalized_tensor
 
 CACHE_MAX_IMAGES = 50_000
@@ -40,8 +42,10 @@ def augmentation_seed(index: int, seed: int) -> int:
 class ManifestDataset(Dataset):
     """Images of one split as ``(float32 CxHxW normalised tensor, label index)``.
 
-    Images are decoded lazily on first use and, when ``cache`` is true (default: when the split
-    has at most ``CACHE_MAX_IMAGES`` images), kept decoded in memory. Grayscale data sets
+    The bytes come from the split's shards (:class:`~pilamim.data.shard_reader.ShardReader`),
+    the labels from the manifest. Images are decoded lazily on first use and, when ``cache``
+    is true (default: when the split has at most ``CACHE_MAX_IMAGES`` images), kept decoded in
+    memory. Grayscale data sets
     (``channels == 1``) load as ``'L'``, everything else as ``'RGB'``. ``transform`` maps a PIL
     image to a tensor; by default it only converts and normalises with the data set's mean/std.
     """
@@ -57,7 +61,10 @@ class ManifestDataset(Dataset):
         self.split = split
         self.channels = prepared.channels
         self.mode = "L" if prepared.channels == 1 else "RGB"
-        self.paths = [prepared.path_of(r) for r in records]
+        self.shards = ShardReader(prepared, split)
+        if len(self.shards) != len(records):
+            raise ValueError(f"{split}: the shards hold {len(self.shards)} images, the manifest "
+                             f"{len(records)}; run `pilamim prepare` again")
         self.labels = [prepared.label_index(r) for r in records]
         self.classes = list(prepared.classes)
         self.transform = transform or to_normalized_tensor(prepared.mean, prepared.std)
@@ -65,7 +72,7 @@ class ManifestDataset(Dataset):
         self._images: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
     def load_image(self, index: int):
         """The decoded PIL image at ``index`` (cached if caching is on)."""
@@ -73,7 +80,7 @@ class ManifestDataset(Dataset):
         if image is None:
             from PIL import Image
 
-            with Image.open(self.paths[index]) as raw:
+            with Image.open(io.BytesIO(self.shards.read(index))) as raw:
                 image = to_8bit(raw, self.mode)  # a loaded copy; 16-bit scaled, not clipped
             if self.cache:
                 self._images[index] = image

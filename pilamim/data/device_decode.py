@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from pilamim.data.bit_depth import tensor_to_8bit, to_8bit
 from pilamim.data.dataset import augmentation_seed
 from pilamim.data.prepared import PreparedDataset
+from pilamim.data.shard_reader import ShardReader
 
 Resize = Literal["roi_align", "bicubic"]
 JPEG_MAGIC = b"\xff\xd8"
@@ -37,22 +38,22 @@ class EncodedCrops(Dataset):
     def __init__(self, prepared: PreparedDataset, split: str,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> None:
         records = prepared.split(split)
-        self.paths = [prepared.path_of(r) for r in records]
+        self.shards = ShardReader(prepared, split)
         self.labels = [prepared.label_index(r) for r in records]
         self.crop_scale, self.hflip = list(crop_scale), hflip
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, key: tuple[int, int]):
         from PIL import Image
         from torchvision.transforms import RandomResizedCrop
 
         index, seed = key
-        path = self.paths[index]
-        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        raw = self.shards.read(index)
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         # The same draws, in the same order, as RandomResizedCrop + RandomHorizontalFlip.
-        with Image.open(path) as header, torch.random.fork_rng(devices=[]):
+        with Image.open(io.BytesIO(raw)) as header, torch.random.fork_rng(devices=[]):
             torch.manual_seed(augmentation_seed(index, seed))
             top, left, h, w = RandomResizedCrop.get_params(header, self.crop_scale,
                                                            list(CROP_RATIO))

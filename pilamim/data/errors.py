@@ -1,9 +1,9 @@
 """The one exception type the data package raises for problems a user can fix, and the two path
 guards that raise it.
 
-The guards live here, beside :class:`DataError`, because both source kinds (a local folder and
-S3) and the code that names their mirror folders need them, and every refusal they make is a
-user-fixable :class:`DataError`.
+The guards live here, beside :class:`DataError`, because every source kind and the code that
+names their inventory folders need them, and every refusal they make is a user-fixable
+:class:`DataError`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ class DataError(RuntimeError):
 def plain_parts(value: str, what: str, fix: str) -> list[str]:
     """Split the ``/``-separated relative path ``value``; refuse it unless every part is a name.
 
-    Anything joined under ``raw_dir`` (a mirror folder name, an S3 bucket, prefix or key) must
-    stay below it: a ``..`` part climbs out, an empty part (a leading or doubled ``/``) makes it
-    absolute or lets two keys land on one file, and ``.`` does the same. ``what`` names the
-    value for the message, ``fix`` says what to write instead.
+    Anything joined under ``raw_dir`` or a source root (an inventory folder name, an S3 bucket,
+    prefix or key) must stay below it: a ``..`` part climbs out, an empty part (a leading or
+    doubled ``/``) makes it absolute or lets two keys name one file, and ``.`` does the same.
+    ``what`` names the value for the message, ``fix`` says what to write instead.
     """
     parts = value.split("/")
     if ".." in parts:
@@ -47,8 +47,8 @@ def check_inside(path: Path, root: Path, action: str, seen: set[Path] | None = N
     The folder holding the entry is resolved (links followed) and must be ``root`` or below it;
     the entry itself is not followed, so replacing or deleting a link that lives inside ``root``
     (as DVC's symlink cache type leaves them) never touches the file it points at. This is the
-    last guard against a linked folder or a bad name sending a mirror's writes or deletes
-    elsewhere on the machine. ``seen`` (one set per mirror run) remembers folders already found
+    last guard against a linked folder or a bad name sending a fetch's writes or deletes
+    elsewhere on the machine. ``seen`` (one set per run) remembers folders already found
     inside, so a million files in a few class folders cost a few resolves, not a million.
     """
     folder = path.parent

@@ -1,8 +1,8 @@
-"""What a source holds but its mirror leaves out, written beside the mirrored images.
+"""What a source holds but its inventory leaves out, written beside the inventory.
 
 A local folder's links that lead outside it (or nowhere, or to a folder) and class folders
-without any file (which an image folder cannot carry through DVC) are not mirrored; S3 reports
-the empty classes. The fetch writes them to ``<mirror>/.pilamim-fetch.json`` and ``prepare``
+without any file (which an image folder cannot carry) are not listed; S3 reports the empty
+classes. The fetch writes them to ``<inventory folder>/.pilamim-fetch.json`` and ``prepare``
 reads that file back, lists it in ``dataset.json`` and, with ``bad_images: fail``, refuses it.
 The fetch itself never looks at ``bad_images``: the ``fetch`` stage does not depend on that
 setting, so its output must not either.
@@ -22,7 +22,7 @@ FETCH_REPORT = ".pilamim-fetch.json"
 
 @dataclass
 class FetchReport:
-    """What a source holds that its mirror leaves out; ``prepare`` reports (or refuses) it.
+    """What a source holds that its inventory leaves out; ``prepare`` reports (or refuses) it.
 
     ``skipped`` entries look like ``prepare``'s own (``{"path", "reason"}``, paths relative to
     the source) so ``dataset.json`` lists both kinds in one place.
@@ -33,15 +33,16 @@ class FetchReport:
 
 
 def save_fetch_report(root: Path, report: FetchReport) -> None:
-    """Write ``report`` into the mirror, only when it changed (a rerun leaves data/raw alone)."""
+    """Write ``report`` beside the inventory, only when it changed (a rerun leaves data/raw
+    alone); a link found in its place is replaced, never written through."""
     path = check_inside(root / FETCH_REPORT, root, "write")
-    if not path.is_file() or read_fetch_report(root) != report:
+    if path.is_symlink() or not path.is_file() or read_fetch_report(root) != report:
         atomic_write_json(path, {"skipped": report.skipped,
                                  "empty_classes": report.empty_classes})
 
 
 def read_fetch_report(root: Path) -> FetchReport:
-    """The :class:`FetchReport` a local or S3 mirror left in ``root`` (empty if none)."""
+    """The :class:`FetchReport` a local or S3 fetch left in ``root`` (empty if none)."""
     try:
         saved = json.loads((root / FETCH_REPORT).read_text())
     except (OSError, ValueError):

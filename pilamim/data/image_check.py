@@ -16,7 +16,6 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,11 +42,12 @@ class CheckedImage:
     squares: tuple[float, float, float]
 
 
-def check_image(root: Path, rel: str, skipped: list[dict[str, str]],
+def check_bytes(rel: str, data: bytes, skipped: list[dict[str, str]],
                 img_size: int) -> CheckedImage | None:
-    """Decode the whole file; return its hash and pixel sums, or record why it is unusable."""
+    """Decode a whole file's bytes; return its hash and pixel sums, or record why it is
+    unusable. Bytes, not a path: ``prepare`` reads each file once, from any source, and
+    shards the very bytes it checked."""
     try:
-        data = (root / rel).read_bytes()
         array, gray = _model_view(data, img_size)
     except Exception as err:  # PIL raises many exception types for bad files
         skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"})

@@ -1,70 +1,86 @@
-"""Mirror a local image folder into ``raw_dir`` by hard links, never reaching outside either.
+"""A local image folder as a source: scanned into an inventory, read in place, never copied.
 
-Every source lands under ``raw_dir`` so the ``fetch`` stage's one DVC output versions exactly
-the images that were used; for a local folder that is a mirror of hard links (a copy across
-file systems). A source never reaches outside itself, and the mirror never writes or deletes
-outside its own folder: every write and delete is checked against the resolved mirror folder
-(:func:`pilamim.data.errors.check_inside`), and a symbolic link in the source is followed only
-when it is a file link whose target stays inside the source (then the target's bytes are
-mirrored). Links pointing outside, broken links and links to folders (never followed: loops,
-double counting) are skipped and reported (:mod:`pilamim.data.fetch_report`).
+``fetch`` records every file's size and mtime (:mod:`pilamim.data.inventory`) and ``prepare``
+reads the file from the folder itself, refusing one that changed since: copying or hard-linking
+a million files into ``raw_dir`` made DVC track a million entries. A source never reaches
+outside itself: a symbolic link is followed only when it is a file link whose target stays
+inside the source (the resolved target is recorded and read); links pointing outside, broken
+links and links to folders (never followed: loops, double counting) are skipped and reported
+(:mod:`pilamim.data.fetch_report`). Reads never follow a link either, so a file replaced by a
+link after the fetch is refused, not followed.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 from pathlib import Path
+from typing import NamedTuple
 
-from pilamim.data.errors import DataError, check_inside, plain_parts
-from pilamim.data.fetch_report import FETCH_REPORT, FetchReport
+from pilamim.data.errors import DataError, plain_parts
+from pilamim.data.fetch_report import FetchReport
+from pilamim.data.inventory import InventoryFiles, Stamp, class_names, visible, write_inventory
 
 LINK_OUTSIDE = "symbolic link pointing outside the source folder"
 LINK_BROKEN = "symbolic link to nothing (broken) or to something that is not a file"
 LINK_FOLDER = "symbolic link to a folder (folder links are never followed)"
+REFETCH = "run `pilamim fetch` again"
+
+
+class Found(NamedTuple):
+    """A file of the source: where its bytes are (a link's resolved target), size, mtime."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    link: bool
 
 
 def local_mirror_name(source: str) -> str:
-    """The mirror folder name of a local source: its last path part, which must be a name.
-
-    ``/data/imgs/..`` or ``/`` would otherwise make the mirror folder ``raw_dir`` itself (or its
-    parent), and mirroring deletes whatever there is not in the source.
-    """
+    """The name of a local source's inventory folder under ``raw_dir``: its last path part,
+    which must be a name (``/data/imgs/..`` or ``/`` would make it ``raw_dir`` or above)."""
     name = Path(source).expanduser().absolute().name
     plain_parts(name, f"data.source {source!r}: its last part",
                 "name the image folder itself, without a trailing '..' (e.g. /data/images)")
     return name
 
 
-def materialize_local(folder: Path, dest: Path, source: str) -> FetchReport:
-    """Mirror the image folder ``folder`` (``data.source`` is ``source``) into ``dest``; return
-    what the mirror leaves out."""
+def fetch_local(folder: Path, dest: Path, source: str) -> FetchReport:
+    """Write the inventory of the image folder ``folder`` (``data.source`` is ``source``) into
+    ``dest``; return what it leaves out."""
     _refuse_overlap(folder, dest, source)
     files, report = scan_local(folder)
-    _mirror_local(files, dest)
+    real_root = folder.resolve()
+    rows = [[rel, f.size, f.mtime_ns, *([f.path.relative_to(real_root).as_posix()]
+                                        if f.link else [])]
+            for rel, f in files.items() if visible(rel)]
+    classes = class_names(files)
+    if not classes:
+        raise DataError(f"data.source {source!r}: {folder} has no class subfolders holding "
+                        "files; expected <folder>/<class name>/<image files>.")
+    dest.mkdir(parents=True, exist_ok=True)
+    write_inventory(dest, {"kind": "local", "folder": str(folder), "classes": classes}, rows)
     return report
 
 
 def _refuse_overlap(folder: Path, dest: Path, source: str) -> None:
-    """Refuse a source folder that holds its own mirror (or lies inside it).
-
-    The mirror would copy itself on every fetch, or delete the source's files as stale.
-    """
+    """Refuse a source folder that holds its inventory folder (or lies inside it): the
+    inventory would list itself, and a folder inside ``raw_dir`` is ``fetch``'s output."""
     a, b = folder.resolve(), dest.resolve()
     if a == b or a in b.parents or b in a.parents:
-        raise DataError(f"data.source {source!r} ({a}) overlaps its mirror folder {b} under "
+        raise DataError(f"data.source {source!r} ({a}) overlaps its inventory folder {b} under "
                         "raw_dir; keep the images in a folder of their own outside raw_dir")
 
 
-def scan_local(source: Path) -> tuple[dict[str, Path], FetchReport]:
-    """Every file of ``source`` to mirror (root-relative POSIX path -> path), and what is left out.
+def scan_local(source: Path) -> tuple[dict[str, Found], FetchReport]:
+    """Every file of ``source`` (root-relative POSIX path -> :class:`Found`), and what is left out.
 
     Folder links are listed, never entered; a file link is kept only when its target is a file
     inside ``source`` (so a source never reaches outside itself). Class folders (non-hidden
-    top-level folders) left without any file are reported: the mirror cannot keep them.
+    top-level folders) left without any file are reported: an image folder cannot keep them.
     """
     real_root = source.resolve()
-    files: dict[str, Path] = {}
+    files: dict[str, Found] = {}
     report = FetchReport()
     for dirpath, dirnames, filenames in os.walk(source):  # does not enter linked folders
         here = Path(dirpath)
@@ -74,16 +90,18 @@ def scan_local(source: Path) -> tuple[dict[str, Path], FetchReport]:
                 report.skipped.append({"path": _rel(here / name, source), "reason": LINK_FOLDER})
         for name in sorted(filenames):
             path = here / name
-            if not path.is_symlink():
-                if path.is_file():
-                    files[_rel(path, source)] = path
+            st = path.lstat()
+            if not stat.S_ISLNK(st.st_mode):
+                if stat.S_ISREG(st.st_mode):
+                    files[_rel(path, source)] = Found(path, st.st_size, st.st_mtime_ns, False)
                 continue
             target = Path(os.path.realpath(path))  # never raises, even on loops
             reason = _link_problem(target, real_root)
             if reason:
                 report.skipped.append({"path": _rel(path, source), "reason": reason})
-            else:  # os.link would link the link itself, which DVC would follow later
-                files[_rel(path, source)] = target
+            else:
+                st = target.stat()
+                files[_rel(path, source)] = Found(target, st.st_size, st.st_mtime_ns, True)
     filled = {rel.split("/", 1)[0] for rel in files if "/" in rel}
     report.empty_classes = [p.name for p in sorted(source.iterdir())
                             if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
@@ -97,37 +115,37 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _link_problem(target: Path, real_root: Path) -> str | None:
-    """Why a file link resolving to ``target`` may not be mirrored, or None when it may."""
+    """Why a file link resolving to ``target`` may not be read, or None when it may."""
     if target != real_root and real_root not in target.parents:
         return LINK_OUTSIDE
     return None if target.is_file() else LINK_BROKEN
 
 
-def _mirror_local(files: dict[str, Path], dest: Path) -> Path:
-    """Make ``dest`` hold exactly ``files`` (plus our report), by hard links (a copy across file
-    systems); files unchanged since the last mirror (same size and mtime) are left alone, stale
-    ones removed. Every write and delete is checked to stay inside ``dest``."""
-    inside: set[Path] = set()
-    for rel in sorted(files):
-        src, dst = files[rel], check_inside(dest / rel, dest, "write", inside)
-        st = src.stat()
-        if dst.exists():
-            dt = dst.stat()
-            if (dt.st_size, dt.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
-                continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        tmp.unlink(missing_ok=True)
+class LocalFiles(InventoryFiles):
+    """A fetched local folder: each file read in place, checked against its size and mtime."""
+
+    def __init__(self, root: Path, source: str, stamp: Stamp, header: dict) -> None:
+        super().__init__(root, source, stamp)
+        folder = Path(source).expanduser().absolute()
+        if header.get("folder") != str(folder):
+            raise DataError(f"{root} lists {header.get('folder')}, not data.source {source!r} "
+                            f"({folder}); {REFETCH}")
+        self.folder, self.real_root = folder, folder.resolve()
+
+    def read(self, rel: str) -> bytes:
+        size, mtime_ns, *target = self.entry(rel)
+        path = self.real_root / target[0] if target else self.folder / rel
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    if dest.exists():
-        for path in sorted(dest.rglob("*"), reverse=True):
-            rel = path.relative_to(dest).as_posix()
-            if (path.is_file() or path.is_symlink()) and rel not in files and rel != FETCH_REPORT:
-                check_inside(path, dest, "delete", inside).unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                check_inside(path, dest, "delete", inside).rmdir()
-    return dest
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as err:
+            raise DataError(f"{path} is gone or no longer a plain file since `pilamim fetch` "
+                            f"listed it ({err.strerror}); {REFETCH}") from err
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                raise DataError(f"{path} changed since `pilamim fetch` listed it (size or "
+                                f"modification time differ); {REFETCH}")
+            data = handle.read()
+        if len(data) != size:
+            raise DataError(f"{path} changed while being read; {REFETCH}")
+        return data

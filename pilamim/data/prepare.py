@@ -1,11 +1,17 @@
-"""Stage ``prepare``: image folder -> validated, split, hashed manifest + data set statistics.
+"""Stage ``prepare``: a fetched source -> validated, split, hashed shards + manifest + statistics.
 
-Everything here is deterministic: files are visited in sorted order, each class is shuffled by
-its own generator seeded with ``(seed, class index)``, and floats are rounded before they are
-written, so the same inputs give byte-identical ``manifest.csv`` and ``dataset.json``. The
-digest (sha256 of the manifest bytes) is therefore a stable data version that every model can
-be traced back to. How each image is decoded, checked and measured for mean/std (as the model
-sees it, with bounded memory): :mod:`pilamim.data.image_check`.
+Every image is read once: the split is decided from the listing (each class shuffled by its own
+generator seeded with ``(seed, class index)``; its first images go to test, the next to val, the
+rest to train), the images of each split are cut into shard ranges by listed size, and one task
+per range reads, decodes, checks, hashes and writes its chunk (:mod:`pilamim.data.shards`) on
+every core. A file that turns out unusable leaves a hole in its split (listed in ``skipped``)
+rather than moving the other images, so no image's split depends on another image's bytes.
+
+Everything is deterministic: same inputs, byte-identical chunks, ``manifest.csv`` and
+``dataset.json``, whatever the core count. The digest covers the manifest (every image's path,
+class, split and sha256) and every chunk's sha256, so it is the identity of the shard set that
+every model is traced back to. How each image is checked and measured for mean/std:
+:mod:`pilamim.data.image_check`.
 """
 
 from __future__ import annotations
@@ -13,30 +19,46 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import math
 import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pilamim.config import DataParams, ModelParams
 from pilamim.data.errors import DataError
-from pilamim.data.fetch_report import read_fetch_report
-from pilamim.data.image_check import CheckedImage, check_image, mean_std
+from pilamim.data.image_check import CheckedImage, mean_std
+from pilamim.data.inventory import INVENTORY
 from pilamim.data.prepared import (
     DATASET_FILE,
     FORMAT_VERSION,
     MANIFEST_COLUMNS,
     MANIFEST_FILE,
+    SHARDS_DIR,
     PreparedDataset,
+    data_digest,
     load_prepared,
 )
-from pilamim.data.sources import check_image_root, image_root, materialize
-from pilamim.io import atomic_write_json, atomic_write_text
+from pilamim.data.progress import Progress
+from pilamim.data.remote_shards import upload
+from pilamim.data.shards import (
+    ShardTask,
+    checked_images,
+    finish_split,
+    plan_tasks,
+    publish,
+    read_result,
+    write_shard,
+)
+from pilamim.data.source_files import SourceFiles, open_files
+from pilamim.data.sources import image_root, materialize
+from pilamim.io import atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,147 +69,207 @@ DEFAULT_IMG_SIZE: int = ModelParams.model_fields["img_size"].default
 
 
 @dataclass(frozen=True)
-class _Inventory:
-    """What validation found: the classes that keep images (folder order), each class's usable
-    images (in its shuffled order, which the split follows), and what was left out."""
+class _Plan:
+    """The listing's decisions: classes, each image's split, the shard ranges."""
 
     classes: list[str]
-    kept: dict[str, list[CheckedImage]]
-    skipped: list[dict[str, str]]  # sorted by path
-    empty: list[str]  # class folders without usable images
-
-
-@dataclass(frozen=True)
-class _Splits:
-    """The manifest rows (sorted), the training images (for mean/std) and per-split counts."""
-
-    rows: list[tuple[str, str, str, str]]
-    train: list[CheckedImage]
-    counts: dict[str, dict[str, int]]
+    tasks: list[ShardTask]
+    images: int
 
 
 def prepare(params: DataParams, fetch: bool = True,
             img_size: int = DEFAULT_IMG_SIZE) -> PreparedDataset:
-    """Validate and split the source's images, write manifest + dataset.json.
+    """Split the source's images and write them as shards, with manifest and dataset.json.
 
     Every non-hidden file below a class folder is a candidate; files PIL cannot fully decode
     are listed in ``skipped``, together with what the fetch left out (links leading outside
     the source), and class folders without usable images in ``empty_classes``. With
     ``bad_images: fail`` any of these fails the run instead: a strict run must not quietly lose
     a file or a whole class (which changes the number of classes a model is trained for).
-    With ``fetch`` the source is materialised first; the ``prepare`` stage passes False and
-    reads what the ``fetch`` stage left under ``raw_dir`` (DVC versions that separately).
+    With ``fetch`` the source is fetched first; the ``prepare`` stage passes False and reads
+    what the ``fetch`` stage recorded under ``raw_dir`` (DVC versions that separately).
     ``img_size`` is the model's input size, the size mean/std are measured at.
     """
-    root = materialize(params) if fetch else image_root(params)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist: run `pilamim fetch` first")
-    classes = check_image_root(root, params.source)
+    if fetch:
+        materialize(params)
+    files = open_files(params)
+    plan = _plan(files, params)
     out_dir = Path(params.out_dir).expanduser().absolute()
-    kept, skipped = _validate_images(root, classes, params, img_size)
-    inventory = _take_stock(root, classes, kept, skipped, params.bad_images)
-    splits = _assign_splits(inventory, params)
-    manifest = _manifest_text(splits.rows)
-    digest = hashlib.sha256(manifest.encode()).hexdigest()
-    info = _dataset_info(params, root, out_dir, inventory, splits, img_size, digest)
-    # dataset.json last: it names the manifest's digest, so it marks a complete output.
+    work = _work_dir(out_dir, plan, params, img_size)
+    results = _run_tasks(files, plan, work, img_size, params.workers)
+    kept = {s: [c for r in results[s] for c in checked_images(r)] for s in SPLITS}
+    skipped = sorted((e for s in SPLITS for r in results[s] for e in r["skipped"]),
+                     key=lambda e: e["path"])
+    classes, empty, skipped = _take_stock(files, plan.classes, kept, skipped, params.bad_images)
+    rows = sorted((c.rel, _class_of(c.rel), s, c.sha256) for s in SPLITS for c in kept[s])
+    manifest = _manifest_text(rows)
+    shards = {s: {"dir": f"{SHARDS_DIR}/{s}", "items": len(kept[s]),
+                  "chunks": [r["chunk"] for r in results[s] if r["chunk"]]} for s in SPLITS}
+    digest = data_digest(manifest, shards)
+    for split in SPLITS:
+        if shards[split]["chunks"]:
+            finish_split(work / SHARDS_DIR / split, len(shards[split]["chunks"]), digest)
+    gray = all(c.gray for s in SPLITS for c in kept[s])
+    info = _dataset_info(params, classes, empty, skipped, rows, kept["train"], gray, img_size,
+                         shards, hashlib.sha256(manifest.encode()).hexdigest(), digest)
+    if params.shards_uri:
+        location = f"{params.shards_uri}/{digest}"
+        info["shards"].update(location=location, etags=upload(work / SHARDS_DIR, location))
+        shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)  # an older local set
+    else:
+        publish(work / SHARDS_DIR, out_dir / SHARDS_DIR)
+    # dataset.json last: it names the manifest's and the shards' digest, so it marks a
+    # complete output.
     atomic_write_text(out_dir / MANIFEST_FILE, manifest)
     atomic_write_json(out_dir / DATASET_FILE, info)
-    log.info("prepared %d images in %d classes (%d skipped) -> %s, digest %s", len(splits.rows),
-             len(inventory.classes), len(inventory.skipped), out_dir, digest[:12])
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("prepared %d images in %d classes (%d skipped) -> %s, digest %s", len(rows),
+             len(classes), len(skipped), out_dir, digest[:12])
     return load_prepared(out_dir)
 
 
-def _validate_images(root: Path, classes: list[str], params: DataParams,
-                     img_size: int) -> tuple[dict[str, list[CheckedImage]], list[dict[str, str]]]:
-    """Each class's usable images in a seeded shuffled order, decoding only until the cap is
-    reached (a capped run never decodes the whole folder); plus every unusable file seen."""
-    kept: dict[str, list[CheckedImage]] = {}
-    skipped: list[dict[str, str]] = []
-    files = {name: _list_files(root, name) for name in classes}
+def _plan(files: SourceFiles, params: DataParams) -> _Plan:
+    """Per class, the candidates in a seeded shuffled order (at most ``max_images_per_class``);
+    the first go to test, the next to val, the rest to train; then per split, in path order,
+    shard ranges of about ``shard_mb``."""
+    classes = files.classes()
     cap = params.max_images_per_class
-    total = sum(min(len(v), cap) if cap else len(v) for v in files.values())
-    with tqdm(total=total, desc="validating images", unit="img", disable=None) as bar:
-        for class_index, name in enumerate(classes):
-            candidates = files[name]
-            rng = np.random.default_rng([params.seed, class_index])
-            order = [candidates[i] for i in rng.permutation(len(candidates))]
-            good: list[CheckedImage] = []
-            for rel in order:
-                if cap and len(good) >= cap:
-                    break
-                checked = check_image(root, rel, skipped, img_size)
-                if checked is not None:
-                    good.append(checked)
-                bar.update()
-            kept[name] = good
-    return kept, skipped
+    by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for class_index, name in enumerate(classes):
+        candidates = files.files(name)
+        rng = np.random.default_rng([params.seed, class_index])
+        order = [candidates[i] for i in rng.permutation(len(candidates))][:cap]
+        n_test, n_val = split_sizes(len(order), params.test_fraction, params.val_fraction)
+        for position, rel in enumerate(order):
+            split = "test" if position < n_test else "val" if position < n_test + n_val else "train"
+            by_split[split].append((rel, name))
+    shard_bytes = int(params.shard_mb * 2**20)
+    tasks = []
+    for split in SPLITS:
+        items = sorted(by_split[split])
+        tasks += plan_tasks(split, items, [files.size(rel) for rel, _ in items], shard_bytes)
+    return _Plan(classes, tasks, sum(len(v) for v in by_split.values()))
 
 
-def _take_stock(root: Path, classes: list[str], kept: dict[str, list[CheckedImage]],
-                skipped: list[dict[str, str]], bad_images: str) -> _Inventory:
+def _work_dir(out_dir: Path, plan: _Plan, params: DataParams, img_size: int) -> Path:
+    """Where this plan's tasks write, beside ``out_dir`` (DVC empties an output before running
+    its stage, so unfinished work kept inside it could not be resumed). Named by the plan, so
+    a rerun of the same plan resumes and a changed plan starts clean."""
+    # The inventory's bytes too: a source changed (and fetched again) between a killed run and
+    # its rerun must not mix shards of both versions.
+    inventory = file_sha256(image_root(params) / INVENTORY)
+    key = json.dumps({"source": params.source, "img_size": img_size, "inventory": inventory,
+                      "tasks": [[t.split, t.index, t.items] for t in plan.tasks]})
+    parent = out_dir.parent / WORK_DIR
+    name = f"{out_dir.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if parent.is_dir():
+        for stale in parent.glob(f"{out_dir.name}-*"):
+            if stale.name != name:
+                shutil.rmtree(stale, ignore_errors=True)
+    return parent / name
+
+
+WORK_DIR = ".prepare-work"
+
+
+def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
+               workers: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Run every shard task not finished by an earlier (killed) run; results in shard order."""
+    results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SPLITS}
+    pending = []
+    for task in plan.tasks:
+        found = read_result(work / "tasks" / f"{task.name}.json", work / SHARDS_DIR / task.split)
+        if found is None:
+            pending.append(task)
+        else:
+            results[task.split][task.index] = found
+    done_images = plan.images - sum(len(t.items) for t in pending)
+    workers = min(workers or _cores(), max(len(pending), 1))
+    with Progress(plan.images, done_images, "preparing images") as progress:
+        if workers <= 1:
+            for task in pending:
+                result = _task(files, task, work, img_size)
+                results[task.split][task.index] = result
+                progress.update(len(task.items))
+        else:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # no inherited threads or locks
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = {pool.submit(_task, files, task, work, img_size): task
+                           for task in pending}
+                for future in as_completed(futures):
+                    task = futures[future]
+                    results[task.split][task.index] = future.result()
+                    progress.update(len(task.items))
+    return {s: [results[s][i] for i in sorted(results[s])] for s in SPLITS}
+
+
+def _task(files: SourceFiles, task: ShardTask, work: Path, img_size: int) -> dict[str, Any]:
+    return write_shard(files, task, work / SHARDS_DIR / task.split,
+                       work / "tasks" / f"{task.name}.json", img_size)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _class_of(rel: str) -> str:
+    return rel.split("/", 1)[0]
+
+
+def _take_stock(files: SourceFiles, classes: list[str], kept: dict[str, list[CheckedImage]],
+                skipped: list[dict[str, str]],
+                bad_images: str) -> tuple[list[str], list[str], list[dict[str, str]]]:
     """Add what the fetch left out, then refuse (``bad_images: fail``) or warn about every
-    unusable file and empty class, and keep only the classes that have images."""
-    fetched = read_fetch_report(root)
+    unusable file and empty class; return the classes that keep images, the empty ones and
+    every skipped file."""
+    fetched = files.report()
     skipped = sorted(skipped + fetched.skipped, key=lambda s: s["path"])
-    empty = sorted({name for name in classes if not kept[name]} | set(fetched.empty_classes))
+    filled = {_class_of(c.rel) for split in kept.values() for c in split}
+    empty = sorted({name for name in classes if name not in filled} | set(fetched.empty_classes))
+    what = f"data.source {files.source!r}"
     if (skipped or empty) and bad_images == "fail":
-        raise DataError(_refusal(root, skipped, empty))
+        raise DataError(_refusal(what, skipped, empty))
     for entry in skipped:
         log.warning("skipping %s: %s", entry["path"], entry["reason"])
-
-    classes = [name for name in classes if kept[name]]
-    if not classes:
-        raise DataError(f"no usable images under {root} ({len(skipped)} unusable); "
+    kept_classes = [name for name in classes if name in filled]
+    if not kept_classes:
+        raise DataError(f"no usable images in {what} ({len(skipped)} unusable); "
                         "expected <folder>/<class name>/<image files> that PIL can decode")
     if empty:
         log.warning("class folders without usable images are left out: %s", ", ".join(empty))
-    return _Inventory(classes, kept, skipped, empty)
+    return kept_classes, empty, skipped
 
 
-def _assign_splits(inventory: _Inventory, params: DataParams) -> _Splits:
-    """Per class, the first images of its shuffled order go to test, the next to val, the rest
-    to train (:func:`split_sizes`); rows are sorted so the manifest does not depend on order."""
-    rows: list[tuple[str, str, str, str]] = []
-    train: list[CheckedImage] = []
-    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    for name in inventory.classes:
-        items = inventory.kept[name]
-        n_test, n_val = split_sizes(len(items), params.test_fraction, params.val_fraction)
-        for position, item in enumerate(items):
-            split = "test" if position < n_test else "val" if position < n_test + n_val else "train"
-            rows.append((item.rel, name, split, item.sha256))
-            counts[split][name] = counts[split].get(name, 0) + 1
-            if split == "train":
-                train.append(item)
-    rows.sort()
-    return _Splits(rows, train, counts)
-
-
-def _dataset_info(params: DataParams, root: Path, out_dir: Path, inventory: _Inventory,
-                  splits: _Splits, img_size: int, digest: str) -> dict[str, Any]:
+def _dataset_info(params: DataParams, classes: list[str], empty: list[str],
+                  skipped: list[dict[str, str]], rows: list[tuple[str, str, str, str]],
+                  train: list[CheckedImage], gray: bool, img_size: int,
+                  shards: dict[str, Any], manifest_sha256: str, digest: str) -> dict[str, Any]:
     """``dataset.json``: classes, channels, train mean/std, counts, what was left out, the
-    split settings and the manifest's digest. Gray only if every kept image is gray."""
-    classes, counts = inventory.classes, splits.counts
-    channels = 1 if all(item.gray for items in inventory.kept.values() for item in items) else 3
-    mean, std = mean_std(sorted(splits.train, key=lambda c: c.rel), channels)
+    split settings, the shards and the digests. Gray only if every kept image is gray."""
+    channels = 1 if gray else 3
+    mean, std = mean_std(sorted(train, key=lambda c: c.rel), channels)
+    counts: dict[str, dict[str, int]] = {s: dict.fromkeys(classes, 0) for s in SPLITS}
+    for _, name, split, _ in rows:
+        counts[split][name] += 1
     return {
         "format_version": FORMAT_VERSION,
         "source": params.source,
-        "root": _portable_root(root, out_dir),
         "classes": classes,
         "channels": channels,
         "mean": mean,
         "std": std,
-        "counts": {s: {name: counts[s].get(name, 0) for name in classes} for s in SPLITS},
-        "num_images": {**{s: sum(counts[s].values()) for s in SPLITS},
-                       "total": len(splits.rows)},
+        "counts": counts,
+        "num_images": {**{s: sum(counts[s].values()) for s in SPLITS}, "total": len(rows)},
         "stats_img_size": img_size,
-        "skipped": inventory.skipped,
-        "empty_classes": inventory.empty,
+        "skipped": skipped,
+        "empty_classes": empty,
         "split": {"seed": params.seed, "val_fraction": params.val_fraction,
                   "test_fraction": params.test_fraction,
                   "max_images_per_class": params.max_images_per_class},
+        "shards": {"format": "litdata", "shard_mb": params.shard_mb, "splits": shards},
+        "manifest_sha256": manifest_sha256,
         "digest": digest,
     }
 
@@ -216,7 +298,7 @@ def describe(prepared: PreparedDataset) -> str:
     """A few lines for humans: size, classes, split counts, channels, digest."""
     lines = [f"{len(prepared.records)} images, {prepared.num_classes} classes, "
              f"{prepared.channels} channel(s), digest {prepared.digest[:12]}",
-             f"root: {prepared.root}"]
+             f"shards: {prepared.shards_location}"]
     for split in SPLITS:
         lines.append(f"{split:>5}: {len(prepared.split(split))}")
     lines.append("classes: " + ", ".join(prepared.classes))
@@ -225,30 +307,16 @@ def describe(prepared: PreparedDataset) -> str:
     return "\n".join(lines)
 
 
-def _list_files(root: Path, class_name: str) -> list[str]:
-    """Every non-hidden file below a class folder, as sorted root-relative POSIX paths.
-
-    Plain strings, not ``Path`` objects: listing a million-image folder stays fast.
-    """
-    found = []
-    top = os.path.join(root, class_name)
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        found.extend(f"{rel_dir}/{f}" for f in filenames if not f.startswith("."))
-    return sorted(found)
-
-
-def _refusal(root: Path, skipped: list[dict[str, str]], empty: list[str]) -> str:
+def _refusal(what: str, skipped: list[dict[str, str]], empty: list[str]) -> str:
     """The ``bad_images: fail`` message: every problem, listed (the first few), and the fix."""
     lines = []
     if skipped:
-        lines.append(f"{len(skipped)} unusable file(s) under {root} (data.bad_images: fail):")
+        lines.append(f"{len(skipped)} unusable file(s) in {what} (data.bad_images: fail):")
         lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:MAX_BAD_LISTED]]
         if len(skipped) > MAX_BAD_LISTED:
             lines.append(f"  ... and {len(skipped) - MAX_BAD_LISTED} more")
     if empty:
-        lines.append(f"{len(empty)} class folder(s) without usable images under {root} "
+        lines.append(f"{len(empty)} class folder(s) without usable images in {what} "
                      f"(data.bad_images: fail): {', '.join(empty)}")
     lines.append("Remove or fix them (add images to an empty class folder or remove it), "
                  "or set data.bad_images: skip.")
@@ -261,11 +329,3 @@ def _manifest_text(rows: list[tuple[str, str, str, str]]) -> str:
     writer.writerow(MANIFEST_COLUMNS)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _portable_root(root: Path, out_dir: Path) -> str:
-    """The image root relative to ``out_dir`` when possible, so the pair can move together."""
-    try:
-        return Path(os.path.relpath(root, out_dir)).as_posix()
-    except ValueError:  # different drives on Windows
-        return root.as_posix()

@@ -81,8 +81,8 @@ def _encoder(p: Params, d: str) -> tuple[str, ...]:
 
 
 TABLE: tuple[Stage, ...] = (
-    Stage("fetch", "Materialise the data source (embedded / folder / s3://) as images under "
-          "raw_dir.",
+    Stage("fetch", "List the data source (embedded / folder / s3://) into an inventory under "
+          "raw_dir (no image is copied).",
           params={"data": ("source", "embedded_idx_dir", "raw_dir")},  # what decides the images
           outputs=lambda p: (p.data.raw_dir,),
           package_files=("pilamim/data/embedded/fashion_mnist_subset.npz",)),

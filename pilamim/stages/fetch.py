@@ -1,21 +1,24 @@
-"""Stage ``fetch``: materialise the data source as an image folder under ``raw_dir``.
+"""Stage ``fetch``: record the data source's inventory (every image file, and what identifies
+its bytes) under ``raw_dir``.
 
-Kept apart from ``prepare`` so DVC versions the raw images as this stage's output (and can
-push them to a remote) while ``prepare`` only validates, splits and hashes them.
+Kept apart from ``prepare`` so DVC versions what the source held as this stage's output: a
+few small files however many images there are (no image is copied), while ``prepare`` reads
+each image from the source itself and refuses one that changed since.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pilamim.config import Params
-from pilamim.data.sources import check_image_root, materialize
+from pilamim.data.source_files import open_files
+from pilamim.data.sources import materialize
 from pilamim.loggers import Logger
 
 
 def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     root = materialize(params.data)
-    classes = check_image_root(root, params.data.source)
-    files = sum(1 for p in Path(root).rglob("*") if p.is_file() and not p.name.startswith("."))
-    return {"root": str(root), "classes": len(classes), "files": files}
+    files = open_files(params.data)
+    classes = files.classes()
+    return {"root": str(root), "classes": len(classes),
+            "files": sum(len(files.files(name)) for name in classes)}

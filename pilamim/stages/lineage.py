@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pilamim.io import file_sha256
+
 LINEAGE_KEY = "lineage"
 # Where a stage reads and writes, and on what hardware: not part of what a number means.
 NOT_PROTOCOL = frozenset({"data_dir", "encoder_dir", "out_dir", "metrics_path", "plots_path",
@@ -27,14 +29,6 @@ NOT_PROTOCOL = frozenset({"data_dir", "encoder_dir", "out_dir", "metrics_path", 
 
 class LineageError(ValueError):
     """A stage's inputs come from different data, encoders or channel counts."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encoder_sha256(encoder_dir: str | Path) -> str:

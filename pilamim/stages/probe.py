@@ -10,6 +10,7 @@ import torch
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import load_prepared
+from pilamim.data.shard_reader import verify_shards
 from pilamim.data.transforms import eval_transform, pretrain_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
@@ -29,6 +30,7 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     logger = logger or NullLogger()
     torch.manual_seed(p.seed)
     prepared = load_prepared(p.data_dir)
+    verify_shards(prepared)  # a changed or truncated shard fails here, before any training
     spec = read_spec(p.encoder_dir)
     check_encoder_fits_data(spec, p.encoder_dir, prepared.digest, prepared.channels, p.data_dir,
                             "probe")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from pilamim.config import Params
 from pilamim.data.prepared import PreparedDataset, load_prepared
 from pilamim.data.pretrain_input import PretrainInput, pretrain_input
+from pilamim.data.shard_reader import verify_shards
 from pilamim.device import resolve_device
 from pilamim.io import OutputBatch, ensure_writable
 from pilamim.loggers import Logger, NullLogger
@@ -174,6 +175,7 @@ def setup_run(params: Params, info: DistInfo) -> Run:
         ensure_writable([p.out_dir, Path(p.metrics_path).parent])
     device = resolve_device(p.device, info.local_rank)
     prepared = load_prepared(p.data_dir)
+    verify_shards(prepared)  # a changed or truncated shard fails here, before any training
     # Decoded-image cache only in-process: workers would each hold (and drop) their own copy.
     crop_scale = resolve_crop_scale(p.crop_scale, params.model.img_size)
     train_input = pretrain_input(prepared, "train", params.model.img_size, crop_scale,

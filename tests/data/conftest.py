@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: the materialised embedded set and a real S3 server."""
+"""Fixtures for the data tests: the fetched embedded set and a real S3 server."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def s3_env(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The bundled subset materialised once per session (12,000 PNGs, a few seconds)."""
+    """The bundled subset fetched once per session (an inventory of 12,000 PNGs, ~1 s)."""
     raw_dir = tmp_path_factory.mktemp("embedded") / "raw"
     params = DataParams(raw_dir=str(raw_dir))
     start = time.perf_counter()

@@ -112,3 +112,15 @@ def upload_tree(client, bucket: str, prefix: str, tree: Path) -> list[str]:
         client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
         keys.append(key)
     return keys
+
+
+def read_all(files) -> dict[str, str]:
+    """sha256 of every file a :class:`~pilamim.data.source_files.SourceFiles` lists, read through
+    it (module level: a spawned worker process runs it on the unpickled object)."""
+    return {rel: hashlib.sha256(files.read(rel)).hexdigest()
+            for name in files.classes() for rel in files.files(name)}
+
+
+def listing(files) -> dict[str, list[str]]:
+    """class -> its files, as a :class:`~pilamim.data.source_files.SourceFiles` lists them."""
+    return {name: files.files(name) for name in files.classes()}

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from pilamim.data.device_decode import DeviceCropResize
 from pilamim.data.prepared import PreparedDataset, Record
 from pilamim.data.pretrain_input import pretrain_input
+from pilamim.data.shards import ShardTask, finish_split, write_shard
 
 CPU = torch.device("cpu")
 # Mixed sizes and orientations, and every way a file reaches the decoder: JPEG (batched
@@ -36,18 +37,38 @@ def _smooth_image(rng: np.random.Generator, size: tuple[int, int], mode: str) ->
     return Image.fromarray(array if mode == "RGB" else array[..., 0], mode)
 
 
+class _Folder:
+    """The one part of a fetched source that writing a shard uses."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+
 def _prepared(root: Path, mode: str) -> PreparedDataset:
+    """All six files in one training shard, written the way ``prepare`` writes shards."""
     rng = np.random.default_rng(0)
-    records = []
+    items = []
     for i, (size, suffix) in enumerate(FILES):
-        path = root / f"img_{i}{suffix}"
+        rel = f"{'a' if i % 2 else 'b'}/img_{i}{suffix}"
+        path = root / "src" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         _smooth_image(rng, size, mode).save(path, **({"quality": 95} if suffix == ".jpg" else {}))
-        records.append(Record(path.name, "a" if i % 2 else "b", "train", ""))
+        items.append((rel, rel[0]))
+    items.sort()
+    out = root / "out"
+    task = ShardTask("train", 0, tuple(items))
+    result = write_shard(_Folder(root / "src"), task, out / "shards" / "train",
+                         root / "task.json", 24)
+    finish_split(out / "shards" / "train", 1, "test")
     channels = 3 if mode == "RGB" else 1
-    return PreparedDataset(root=root, classes=["a", "b"], channels=channels,
+    return PreparedDataset(classes=["a", "b"], channels=channels,
                            mean=(0.5,) * channels, std=(0.25,) * channels, digest="test",
-                           records=records)
+                           records=[Record(rel, label, "train", "") for rel, label in items],
+                           shards={"train": {"items": len(items), "chunks": [result["chunk"]]}},
+                           out_dir=out)
 
 
 def _batch(prepared: PreparedDataset, pipeline: str, hflip: bool = True, seed: int = 3):

@@ -14,7 +14,7 @@ from PIL import Image
 from pilamim.config import DataParams
 from pilamim.data.errors import DataError
 from pilamim.data.prepare import DEFAULT_IMG_SIZE, describe, prepare, split_sizes
-from pilamim.data.prepared import load_prepared
+from pilamim.data.prepared import data_digest, load_prepared
 from tests.data.helpers import add_broken_images, make_tree
 
 
@@ -58,14 +58,20 @@ def test_no_usable_images_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_same_inputs_give_byte_identical_outputs(embedded: dict, tmp_path: Path) -> None:
     outs = []
-    for name in ("run1", "run2"):
+    # One process and two, with shards small enough for several per split: the output must
+    # not depend on how the shard tasks were run.
+    for name, workers in (("run1", 1), ("run2", 2)):
         params = DataParams(raw_dir=str(embedded["raw_dir"]), out_dir=str(tmp_path / name / "p"),
-                            max_images_per_class=30)
+                            max_images_per_class=30, shard_mb=0.02, workers=workers)
         outs.append(prepare(params).out_dir)
-    for file in ("manifest.csv", "dataset.json"):
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".bin"]) > 3
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    for file in files:
         assert (outs[0] / file).read_bytes() == (outs[1] / file).read_bytes(), file
     info = json.loads((outs[0] / "dataset.json").read_text())
-    assert info["digest"] == hashlib.sha256((outs[0] / "manifest.csv").read_bytes()).hexdigest()
+    manifest = (outs[0] / "manifest.csv").read_text()
+    assert info["digest"] == data_digest(manifest, info["shards"]["splits"])
     assert info["channels"] == 1 and len(info["mean"]) == 1
     assert info["num_images"] == {"train": 210, "val": 30, "test": 60, "total": 300}
     # Another seed gives another split of the same images.
@@ -112,7 +118,7 @@ def test_mean_std_are_per_channel_on_the_train_split(tmp_path: Path) -> None:
     assert prepared.channels == 3
     size = (DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE)  # measured as the model sees the images
     pixels = np.concatenate([
-        np.asarray(Image.open(prepared.path_of(r)).resize(size, Image.Resampling.BICUBIC),
+        np.asarray(Image.open(root / r.path).resize(size, Image.Resampling.BICUBIC),
                    dtype=np.float64).reshape(-1, 3) / 255
         for r in prepared.split("train")
     ])
@@ -139,7 +145,7 @@ def test_load_prepared_round_trip_and_digest_check(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "imgs", {"a": 4, "b": 4})
     prepared = prepare(_params(root, tmp_path / "out"))
     again = load_prepared(tmp_path / "out")
-    assert again.records == prepared.records and again.root == prepared.root
+    assert again.records == prepared.records and again.shards == prepared.shards
     assert again.num_classes == 2 and again.label_index(again.records[-1]) == 1
     assert {r.split for r in again.records} == {"train", "val", "test"}
     manifest = tmp_path / "out" / "manifest.csv"

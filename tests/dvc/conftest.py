@@ -3,7 +3,7 @@
 The repo gets the project's ``dvc.yaml``, ``.gitignore``, ``.dvcignore`` and a copy of the
 ``pilamim`` sources (the stages' code deps; the commands themselves run the installed
 ``pilamim``), tiny params, and a real SeaweedFS S3 server as its data source: 120 Fashion-MNIST
-PNGs under ``s3://images/fmnist`` keep ``data/raw`` small, so DVC's hashing and caching take
+PNGs under ``s3://images/fmnist`` (``data/raw`` holds their inventory) keep every stage to
 seconds. MLflow writes to a SQLite file in the temp dir.
 
 Tests share the repo in file order and each leaves it up to date (``dvc status`` clean).

@@ -43,9 +43,9 @@ def test_repro_runs_every_stage_in_order(dvc_repo):
     assert ran_stages(dvc_repo.first_repro) == list(STAGES), dvc_repo.first_repro[-3000:]
     lock = yaml.safe_load((dvc_repo.root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
-    # the raw images are versioned: every file of data/raw is in the DVC cache
+    # what the source held is versioned as its inventory (+ fetch report), not a copy of it
     raw = next(o for o in lock["stages"]["fetch"]["outs"] if o["path"] == "data/raw")
-    assert raw["nfiles"] >= 10 * 12
+    assert raw["nfiles"] == 2
     assert json.loads((dvc_repo.root / "metrics/register.json").read_text())["action"] == (
         "champion")
     # DVC git-ignores its cached outputs; metrics and plots stay for git

@@ -1,0 +1,40 @@
+"""Progress of a long data step that a log file can follow: a bar on a terminal, and without one
+(a Prefect worker, ``nohup``, CI) a line every ``every_s`` seconds with images/s and the ETA."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    def __init__(self, total: int, done: int, what: str, every_s: float = 15.0) -> None:
+        self.total, self.done, self.what, self.every_s = total, done, what, every_s
+        self._start_done = done
+        self._bar = tqdm(total=total, initial=done, desc=what, unit="img", disable=None)
+        self._start = self._last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self._bar.update(n)
+        now = time.monotonic()
+        if self._bar.disable and (now - self._last >= self.every_s or self.done >= self.total):
+            self._last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.monotonic()) - self._start, 1e-9)
+        rate = (self.done - self._start_done) / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (f"{self.what}: {self.done:,}/{self.total:,} ({self.done / max(self.total, 1):.0%}),"
+                f" {rate:,.0f} img/s, ETA {eta:,.0f} s")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
