@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import logging
+import sys
 import time
 
 from tqdm import tqdm
-
-log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -24,7 +22,7 @@ class Progress:
         now = time.monotonic()
         if self._bar.disable and (now - self._last >= self.every_s or self.done >= self.total):
             self._last = now
-            log.info("%s", self.line(now))
+            print(self.line(now), file=sys.stderr, flush=True)  # shown whatever logging is set
 
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self._start, 1e-9)

@@ -67,3 +67,19 @@ def test_a_cache_smaller_than_the_split_is_refused_at_the_start(
     with pytest.raises(DataError, match="over this node's shard cache limit") as err:
         verify_shards(prepared)
     assert "PILAMIM_SHARD_CACHE_GB" in str(err.value)
+
+
+def test_loader_workers_forked_after_the_main_process_read_s3_still_download(remote) -> None:
+    """The main process reads (the kNN monitor, a figure batch) before a DataLoader forks its
+    workers, which then download shards the main process never touched."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    prepared, _, _ = remote
+    ManifestDataset(prepared, "val", cache=False).shards.read(0)
+    train = ManifestDataset(prepared, "train", cache=False)
+    loader = DataLoader(train, batch_size=16, num_workers=2,
+                        multiprocessing_context=multiprocessing.get_context("fork"),
+                        timeout=60)
+    assert sum(len(labels) for _, labels in loader) == len(train)

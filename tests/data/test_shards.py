@@ -98,3 +98,14 @@ def test_loader_images_are_the_prepared_files(embedded: dict, tmp_path: Path) ->
             item = dataset.shards.item(i)
             assert item["path"] == records[i].path and item["label"] == records[i].label
             assert hashlib.sha256(item["image"]).hexdigest() == records[i].sha256
+
+
+def test_without_a_terminal_progress_is_a_line_with_rate_and_eta(capsys) -> None:
+    from pilamim.data.progress import Progress
+
+    with Progress(total=100, done=20, what="preparing images", every_s=0.0) as progress:
+        progress.update(30)
+        progress.update(50)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("preparing images: 50/100 (50%), ") and "img/s, ETA" in lines[0]
+    assert lines[-1].startswith("preparing images: 100/100 (100%)")
