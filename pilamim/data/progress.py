@@ -36,3 +36,26 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._bar.close()
+
+
+class EpochLines:
+    """One line per epoch (loss, val top-1, img/s, ETA) where no terminal shows the epoch bar:
+    a fine-tune in a log file or a Prefect worker's log is otherwise silent for its whole run."""
+
+    def __init__(self, what: str, epochs: int, images_per_epoch: int) -> None:
+        self.what, self.epochs, self.images = what, epochs, images_per_epoch
+        self.on = not sys.stderr.isatty()
+        self._start = time.monotonic()
+
+    def done(self, epoch: int, metrics: dict[str, float]) -> None:
+        """After epoch ``epoch`` (0-based); ``metrics`` keyed as logged (``<stage>/<name>``)."""
+        if not self.on:
+            return
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        finished = epoch + 1
+        shown = ", ".join(f"{key.split('/')[-1]} {value:.4f}" for key, value in metrics.items()
+                          if key.endswith(("train_loss", "val_top1")))
+        eta = elapsed / finished * (self.epochs - finished)
+        print(f"{self.what} epoch {finished}/{self.epochs}: {shown}, "
+              f"{self.images * finished / elapsed:,.0f} img/s, ETA {eta:,.0f} s",
+              file=sys.stderr, flush=True)

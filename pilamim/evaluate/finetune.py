@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pilamim.config import FinetuneParams
+from pilamim.data.progress import EpochLines
 from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import make_loader
 from pilamim.evaluate.linear_probe import report_split
@@ -212,11 +213,13 @@ def run_finetune(encoder_dir: str | Path, train_ds: Dataset, eval_sets: Mapping[
     with seeded(params.seed, device):
         run = build_run(encoder_dir, train_ds, len(classes), params, device)
         train_loss = float("nan")
+        lines = EpochLines("fine-tune", params.epochs, len(train_ds))  # type: ignore[arg-type]
         for epoch in tqdm(range(params.epochs), desc="fine-tune", leave=False,
                           disable=not sys.stderr.isatty()):
             train_loss = train_one_epoch(run, epoch, params, device, dtype)
-            logger.log_metrics(epoch_metrics(run, train_loss, eval_sets, params, device, dtype),
-                               step=epoch + 1)
+            metrics = epoch_metrics(run, train_loss, eval_sets, params, device, dtype)
+            logger.log_metrics(metrics, step=epoch + 1)
+            lines.done(epoch, metrics)
 
     result: dict[str, Any] = evaluate_splits(run.model, eval_sets, classes, params, device,
                                              dtype)

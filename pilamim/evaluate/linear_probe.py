@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pilamim.config import ProbeParams
+from pilamim.data.progress import EpochLines
 from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import extract_features, make_loader
 from pilamim.evaluate.knn import knn_metrics
@@ -137,6 +138,7 @@ def train_probe_head(batches: Batches, steps_per_epoch: int, dim: int, num_class
     optimizer = build_probe_optimizer(head, params.optimizer, lr, weight_decay)
     total, warmup = params.epochs * steps_per_epoch, params.warmup_epochs * steps_per_epoch
     step, train_loss = 0, float("nan")
+    lines = EpochLines("linear probe", params.epochs, steps_per_epoch * batch)
     for epoch in tqdm(range(params.epochs), desc="linear probe", leave=False,
                       disable=not sys.stderr.isatty()):
         head.train()
@@ -157,6 +159,7 @@ def train_probe_head(batches: Batches, steps_per_epoch: int, dim: int, num_class
             logged[f"probe/{name}_top1"] = topk_accuracy(logits, labels, 1)
             logged[f"probe/{name}_top5"] = topk_accuracy(logits, labels, 5)
         logger.log_metrics(logged, step=epoch + 1)
+        lines.done(epoch, logged)
     return head, train_loss, step
 
 

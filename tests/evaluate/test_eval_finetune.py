@@ -76,7 +76,7 @@ def test_schedule_warms_up_then_decays():
 
 
 @pytest.mark.parametrize("mix", [(0.8, 1.0), (0.0, 0.0)], ids=["mixup", "plain"])
-def test_finetune_runs_and_reports(encoder_dir, splits, mix):
+def test_finetune_runs_and_reports(encoder_dir, splits, mix, capsys):
     params = FinetuneParams(**TINY, mixup=mix[0], cutmix=mix[1], base_lr=5e-3,
                             regularisation="mae")
     logger = MemoryLogger()
@@ -94,6 +94,10 @@ def test_finetune_runs_and_reports(encoder_dir, splits, mix):
                 for _, m in per_epoch)
     assert all("finetune/test_top1" not in m for _, m in per_epoch)
     assert not model.training and model.head.out_features == 4
+    # no terminal under pytest: one progress line per epoch instead of the bar
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("fine-tune epoch")]
+    assert [x.split(":")[0] for x in lines] == ["fine-tune epoch 1/2", "fine-tune epoch 2/2"]
+    assert all("train_loss" in x and "val_top1" in x and "img/s, ETA" in x for x in lines)
 
 
 def test_finetune_learns_deterministically_with_accumulation(encoder_dir, splits):

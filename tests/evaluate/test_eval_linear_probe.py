@@ -51,7 +51,7 @@ def test_features_are_cls_after_norm(encoder, splits):
     assert feats.requires_grad is False and not feats.is_inference()
 
 
-def test_probe_learns_and_is_deterministic(encoder, splits, tmp_path):
+def test_probe_learns_and_is_deterministic(encoder, splits, tmp_path, capsys):
     params = ProbeParams(**FAST, seed=3)
     evals = {"val": splits["val"], "test": splits["test"]}
     logger = MemoryLogger()
@@ -63,6 +63,8 @@ def test_probe_learns_and_is_deterministic(encoder, splits, tmp_path):
     assert m1["top1"] > 0.75, m1  # chance is 0.25
     assert m1["knn_top1"] == m1["test"]["knn_top1"]
     assert m1 == m2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("linear probe epoch")]
+    assert lines and all("train_loss" in x and "val_top1" in x for x in lines)
     h1, classes = load_probe_head(tmp_path / "h1.pt")
     h2, _ = load_probe_head(tmp_path / "h2.pt")
     assert classes == CLASSES
