@@ -66,6 +66,10 @@ SPLITS = ("train", "val", "test")
 MAX_BAD_LISTED = 20
 # The model's default input size; the size mean/std are measured at unless told otherwise.
 DEFAULT_IMG_SIZE: int = ModelParams.model_fields["img_size"].default
+WORK_DIR = ".prepare-work"  # beside out_dir: unfinished shard ranges, resumed by a rerun
+# Less work than this runs in this process: a spawned worker first spends ~2 CPU seconds
+# importing torch (litdata imports it), more than a few MB of images take to check.
+POOL_MIN_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,6 @@ def _work_dir(out_dir: Path, plan: _Plan, params: DataParams, img_size: int) -> 
     return parent / name
 
 
-WORK_DIR = ".prepare-work"
-
-
 def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
                workers: int | None) -> dict[str, list[dict[str, Any]]]:
     """Run every shard task not finished by an earlier (killed) run; results in shard order."""
@@ -185,6 +186,8 @@ def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
             results[task.split][task.index] = found
     done_images = plan.images - sum(len(t.items) for t in pending)
     workers = min(workers or _cores(), max(len(pending), 1))
+    if sum(t.size for t in pending) < POOL_MIN_BYTES:
+        workers = 1
     with Progress(plan.images, done_images, "preparing images") as progress:
         if workers <= 1:
             for task in pending:

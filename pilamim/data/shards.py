@@ -45,6 +45,7 @@ class ShardTask:
     split: str
     index: int  # position among the split's shards; names its chunk
     items: tuple[tuple[str, str], ...]
+    size: int = 0  # listed bytes of its files
 
     @property
     def name(self) -> str:
@@ -63,7 +64,8 @@ def plan_tasks(split: str, items: list[tuple[str, str]], sizes: list[int],
     for end, size in enumerate(sizes, start=1):
         total += size
         if total >= shard_bytes or end == len(items):
-            tasks.append(ShardTask(split, len(tasks), tuple(items[start:end])))
+            tasks.append(ShardTask(split, len(tasks), tuple(items[start:end]),
+                                   sum(sizes[start:end])))
             start, total = end, 0
     return tasks
 

@@ -56,10 +56,12 @@ def test_no_usable_images_is_a_clear_error(tmp_path: Path) -> None:
         prepare(_params(root, tmp_path / "out"))
 
 
-def test_same_inputs_give_byte_identical_outputs(embedded: dict, tmp_path: Path) -> None:
+def test_same_inputs_give_byte_identical_outputs(embedded: dict, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     outs = []
-    # One process and two, with shards small enough for several per split: the output must
-    # not depend on how the shard tasks were run.
+    # One process and a pool of two (also for these few bytes), with shards small enough for
+    # several per split: the output must not depend on how the shard tasks were run.
+    monkeypatch.setattr("pilamim.data.prepare.POOL_MIN_BYTES", 0)
     for name, workers in (("run1", 1), ("run2", 2)):
         params = DataParams(raw_dir=str(embedded["raw_dir"]), out_dir=str(tmp_path / name / "p"),
                             max_images_per_class=30, shard_mb=0.02, workers=workers)
