@@ -170,6 +170,17 @@ def _run_ok(cmd, env):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def _sigkill_at_first_checkpoint(cmd, env, ckpt):
+    """Start a stage command and SIGKILL it as soon as its first checkpoint exists."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=_workdir(cmd))
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
@@ -179,13 +190,7 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared)
 
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common))
     ckpt = cut_dir / "models/pretrain/checkpoint.pt"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=_workdir(cmd))
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _sigkill_at_first_checkpoint(cmd, env, ckpt)
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < 39, "the kill must land mid-run for this test to mean anything"
     _run_ok(cmd, env)
@@ -264,13 +269,7 @@ def test_streaming_from_s3_killed_and_restarted_matches_local_shards(
     _run_ok(*_cli(full_dir, micro_run_params(full_dir, tiny_prepared, **common)))
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, str(remote.out_dir), **common))
     ckpt = cut_dir / "models/pretrain/checkpoint.pt"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=_workdir(cmd))
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _sigkill_at_first_checkpoint(cmd, env, ckpt)
     assert 0 < torch.load(ckpt, weights_only=True)["step"] < 39
     _run_ok(cmd, env)
     a, b = _weights(full_dir), _weights(cut_dir)
