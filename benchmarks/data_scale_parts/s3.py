@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,7 @@ def upload_folder(root: Path, bucket: str, prefix: str, threads: int) -> dict[st
         client.upload_file(str(path), bucket, key, Config=config)
         return path.stat().st_size
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        nbytes = sum(pool.map(put, files))
-    seconds = time.perf_counter() - t0
-    return {"files": len(files), "mb": nbytes / 1e6, "seconds": seconds,
-            "mb_per_s": nbytes / 1e6 / seconds, "files_per_s": len(files) / seconds}
+    return _timed(put, files, threads)
 
 
 def download_prefix(bucket: str, prefix: str, dest: Path, threads: int) -> dict[str, Any]:
@@ -89,12 +85,17 @@ def download_prefix(bucket: str, prefix: str, dest: Path, threads: int) -> dict[
         client.download_file(bucket, key, str(target), Config=config)
         return target.stat().st_size
 
+    return _timed(get, keys, threads)
+
+
+def _timed(move: Callable[[Any], int], items: list, threads: int) -> dict[str, Any]:
+    """Run ``move`` (returns the bytes it moved) over ``items`` on ``threads`` threads, timed."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        nbytes = sum(pool.map(get, keys))
+        nbytes = sum(pool.map(move, items))
     seconds = time.perf_counter() - t0
-    return {"files": len(keys), "mb": nbytes / 1e6, "seconds": seconds,
-            "mb_per_s": nbytes / 1e6 / seconds, "files_per_s": len(keys) / seconds}
+    return {"files": len(items), "mb": nbytes / 1e6, "seconds": seconds,
+            "mb_per_s": nbytes / 1e6 / seconds, "files_per_s": len(items) / seconds}
 
 
 def copy_with_boto3(config: dict[str, Any]) -> dict[str, Any]:
