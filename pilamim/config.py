@@ -61,6 +61,14 @@ class DataParams(_Strict):
         None, description="s3://bucket/prefix to keep the shards in (under <prefix>/<digest>/), "
         "null: <out_dir>/shards"
     )
+    max_side: int | None = Field(
+        None, ge=16, description="re-encode images whose longer side exceeds this as JPEG of "
+        "that side (as FFCV's max_resolution); null: every file's bytes are stored unchanged")
+    jpeg_quality: int = Field(90, ge=50, le=100,
+                              description="JPEG quality of the images max_side re-encodes")
+    dask_scheduler: str | None = Field(
+        None, description="tcp://host:port of a Dask scheduler to run prepare's shard tasks on "
+        "(its workers must reach the source and out_dir's parent); null: local processes")
 
     @field_validator("shards_uri")
     @classmethod

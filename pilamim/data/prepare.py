@@ -48,6 +48,7 @@ from pilamim.data.prepared import (
 from pilamim.data.progress import Progress
 from pilamim.data.remote_shards import upload
 from pilamim.data.shards import (
+    ShardOptions,
     ShardTask,
     checked_images,
     finish_split,
@@ -100,7 +101,8 @@ def prepare(params: DataParams, fetch: bool = True,
     plan = _plan(files, params)
     out_dir = Path(params.out_dir).expanduser().absolute()
     work = _work_dir(out_dir, plan, params, img_size)
-    results = _run_tasks(files, plan, work, img_size, params.workers)
+    options = ShardOptions(img_size, params.max_side, params.jpeg_quality)
+    results = _run_tasks(files, plan, work, options, params.workers)
     kept = {s: [c for r in results[s] for c in checked_images(r)] for s in SPLITS}
     skipped = sorted((e for s in SPLITS for r in results[s] for e in r["skipped"]),
                      key=lambda e: e["path"])
@@ -163,6 +165,7 @@ def _work_dir(out_dir: Path, plan: _Plan, params: DataParams, img_size: int) -> 
     # its rerun must not mix shards of both versions.
     inventory = file_sha256(image_root(params) / INVENTORY)
     key = json.dumps({"source": params.source, "img_size": img_size, "inventory": inventory,
+                      "max_side": params.max_side, "jpeg_quality": params.jpeg_quality,
                       "tasks": [[t.split, t.index, t.items] for t in plan.tasks]})
     parent = out_dir.parent / WORK_DIR
     name = f"{out_dir.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -173,7 +176,7 @@ def _work_dir(out_dir: Path, plan: _Plan, params: DataParams, img_size: int) -> 
     return parent / name
 
 
-def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
+def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, options: ShardOptions,
                workers: int | None) -> dict[str, list[dict[str, Any]]]:
     """Run every shard task not finished by an earlier (killed) run; results in shard order."""
     results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SPLITS}
@@ -191,7 +194,7 @@ def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
     with Progress(plan.images, done_images, "preparing images") as progress:
         if workers <= 1:
             for task in pending:
-                result = _task(files, task, work, img_size)
+                result = _task(files, task, work, options)
                 results[task.split][task.index] = result
                 progress.update(len(task.items))
         else:
@@ -199,7 +202,7 @@ def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
 
             context = multiprocessing.get_context("spawn")  # no inherited threads or locks
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = {pool.submit(_task, files, task, work, img_size): task
+                futures = {pool.submit(_task, files, task, work, options): task
                            for task in pending}
                 for future in as_completed(futures):
                     task = futures[future]
@@ -208,9 +211,10 @@ def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, img_size: int,
     return {s: [results[s][i] for i in sorted(results[s])] for s in SPLITS}
 
 
-def _task(files: SourceFiles, task: ShardTask, work: Path, img_size: int) -> dict[str, Any]:
+def _task(files: SourceFiles, task: ShardTask, work: Path,
+          options: ShardOptions) -> dict[str, Any]:
     return write_shard(files, task, work / SHARDS_DIR / task.split,
-                       work / "tasks" / f"{task.name}.json", img_size)
+                       work / "tasks" / f"{task.name}.json", options)
 
 
 def _cores() -> int:
@@ -271,7 +275,9 @@ def _dataset_info(params: DataParams, classes: list[str], empty: list[str],
         "split": {"seed": params.seed, "val_fraction": params.val_fraction,
                   "test_fraction": params.test_fraction,
                   "max_images_per_class": params.max_images_per_class},
-        "shards": {"format": "litdata", "shard_mb": params.shard_mb, "splits": shards},
+        "shards": {"format": "litdata", "shard_mb": params.shard_mb, "max_side": params.max_side,
+                   "jpeg_quality": params.jpeg_quality if params.max_side else None,
+                   "splits": shards},
         "manifest_sha256": manifest_sha256,
         "digest": digest,
     }

@@ -70,12 +70,21 @@ def plan_tasks(split: str, items: list[tuple[str, str]], sizes: list[int],
     return tasks
 
 
+@dataclass(frozen=True)
+class ShardOptions:
+    """What every task of one plan does to its images, the same on any machine."""
+
+    img_size: int  # the size mean/std are measured at
+    max_side: int | None = None  # re-encode larger images as JPEG of this longer side
+    jpeg_quality: int = 90
+
+
 def chunk_name(task_index: int) -> str:
     return f"chunk-{task_index}-0.bin"
 
 
 def write_shard(files: SourceFiles, task: ShardTask, split_dir: Path, result_path: Path,
-                img_size: int) -> dict[str, Any]:
+                options: ShardOptions) -> dict[str, Any]:
     """Read, check and hash every image of ``task``; write the usable ones as one chunk; save
     the result (checked images, skipped files, the chunk's name, size and sha256) last, so a
     result file always stands for a complete chunk."""
@@ -96,7 +105,7 @@ def write_shard(files: SourceFiles, task: ShardTask, split_dir: Path, result_pat
             except OSError as err:
                 skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"})
                 continue
-            image = check_bytes(rel, data, skipped, img_size)
+            image = check_bytes(rel, data, skipped, options.img_size)
             if image is not None:
                 writer[len(checked)] = {"image": data, "label": label, "path": rel,
                                         "sha256": image.sha256}

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from pilamim.data.device_decode import DeviceCropResize
 from pilamim.data.prepared import PreparedDataset, Record
 from pilamim.data.pretrain_input import pretrain_input
-from pilamim.data.shards import ShardTask, finish_split, write_shard
+from pilamim.data.shards import ShardOptions, ShardTask, finish_split, write_shard
 
 CPU = torch.device("cpu")
 # Mixed sizes and orientations, and every way a file reaches the decoder: JPEG (batched
@@ -61,7 +61,7 @@ def _prepared(root: Path, mode: str) -> PreparedDataset:
     out = root / "out"
     task = ShardTask("train", 0, tuple(items))
     result = write_shard(_Folder(root / "src"), task, out / "shards" / "train",
-                         root / "task.json", 24)
+                         root / "task.json", ShardOptions(24))
     finish_split(out / "shards" / "train", 1, "test")
     channels = 3 if mode == "RGB" else 1
     return PreparedDataset(classes=["a", "b"], channels=channels,
