@@ -177,6 +177,10 @@ class PretrainParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
+    shuffle_window_chunks: int | None = Field(
+        None, ge=1, description="shuffle within windows of this many shards (in a shuffled "
+        "shard order) so a node cache need hold only a window of a split; null: shuffle the "
+        "whole split (its shards must fit the node cache)")
     input_pipeline: InputPipeline = Field(
         "pil", description="pil: workers decode with PIL, bicubic crop (MAE's); device: workers "
         "read bytes, the training device decodes (nvJPEG on CUDA) and crops with roi_align; "
@@ -269,6 +273,10 @@ class FinetuneParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
+    shuffle_window_chunks: int | None = Field(
+        None, ge=1, description="shuffle within windows of this many shards (in a shuffled "
+        "shard order) so a node cache need hold only a window of a split; null: shuffle the "
+        "whole split (its shards must fit the node cache)")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> FinetuneParams:
