@@ -43,11 +43,12 @@ from typing import Any
 import torch
 
 from pilamim.io import OutputBatch, atomic_torch_save
+from pilamim.train.batch_layout import comparable
 
 CHECKPOINT = "checkpoint.pt"
 # Other recipes' checkpoints kept beside checkpoint.pt (each a full model + optimizer state).
 KEPT_RECIPES = 3
-_KEYED_GLOB = "checkpoint-*.pt"
+KEYED_GLOB = "checkpoint-*.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -104,7 +105,7 @@ class Schedule:
 
 def recipe_key(meta: dict[str, Any]) -> str:
     """A short stable hash of a run's meta: equal metas, equal keys (hence one file each)."""
-    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(comparable(meta), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -150,10 +151,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str,
 def stale_reason(saved_meta: dict[str, Any], meta: dict[str, Any]) -> str | None:
     """Why a checkpoint cannot continue this run (model, data or recipe changed), else None.
 
-    Only ``epochs`` and bookkeeping may change between a run and its resume: a longer run
+    Only ``epochs`` and bookkeeping may change between a run and its resume (the number of
+    processes too, at the same global batch: :mod:`pilamim.train.batch_layout`): a longer run
     continues from the checkpoint (one already past the new ``epochs`` is refused by
     :func:`find_resume`), anything else is a new experiment.
     """
+    saved_meta, meta = comparable(saved_meta), comparable(meta)
     changed = [k for k in meta if saved_meta.get(k) != meta[k]]
     if not changed:
         return None
@@ -241,9 +244,9 @@ def prune_recipe_checkpoints(out_dir: str | Path, keep: int = KEPT_RECIPES,
     """Delete all but the ``keep`` most recently written ``checkpoint-<key>.pt`` files, counting
     ``protect`` (the running recipe's, which may not exist yet) as one kept; returns the
     deleted paths."""
-    kept = [p for p in Path(out_dir).glob(_KEYED_GLOB) if p != protect]
+    kept = [p for p in Path(out_dir).glob(KEYED_GLOB) if p != protect]
     kept.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    room = max(keep - (protect is not None and protect.match(_KEYED_GLOB)), 0)
+    room = max(keep - (protect is not None and protect.match(KEYED_GLOB)), 0)
     for path in kept[room:]:
         path.unlink(missing_ok=True)
     return kept[room:]

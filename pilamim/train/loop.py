@@ -40,8 +40,16 @@ from pilamim.loggers import Logger, NullLogger
 from pilamim.model import PiLaMIM
 from pilamim.model.export import export_encoder
 from pilamim.recipes import resolve_crop_scale
+from pilamim.train.batch_layout import (
+    LAYOUT,
+    WorldSizeChangedError,
+    layout,
+    world_change,
+    world_change_message,
+)
 from pilamim.train.checkpoint import (
     CHECKPOINT,
+    KEYED_GLOB,
     Resume,
     Schedule,
     find_resume,
@@ -70,11 +78,16 @@ _BOOKKEEPING = {"epochs", "data_dir", "out_dir", "metrics_path", "plots_path", "
                 "knn_every_epochs", "num_workers", "compile", "precision", "input_pipeline"}
 
 
-def _meta(params: Params, in_chans: int, global_batch: int, digest: str) -> dict[str, Any]:
-    recipe = {k: v for k, v in params.pretrain.model_dump(mode="json").items()
-              if k not in _BOOKKEEPING}
+def _meta(params: Params, in_chans: int, global_batch: int, digest: str,
+          world: int) -> dict[str, Any]:
+    """What a checkpoint's state means; the global batch, not its split over processes, is part
+    of the recipe (:mod:`pilamim.train.batch_layout`)."""
+    p = params.pretrain
+    recipe = {k: v for k, v in p.model_dump(mode="json").items()
+              if k not in _BOOKKEEPING and k not in ("batch_size", "accum_steps")}
     return {"model": params.model.model_dump(mode="json"), "in_chans": in_chans,
-            "global_batch": global_batch, "dataset_digest": digest, "recipe": recipe}
+            "global_batch": global_batch, "dataset_digest": digest, "recipe": recipe,
+            LAYOUT: layout(p.batch_size, p.accum_steps, world)}
 
 
 def resume_step(params: Params) -> int:
@@ -87,10 +100,13 @@ def resume_step(params: Params) -> int:
     """
     p = params.pretrain
     prepared = load_prepared(p.data_dir)
-    plan = Plan(params, len(prepared.split("train")), int(os.environ.get("WORLD_SIZE", "1")))
-    meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
-    return find_resume(p.out_dir, meta, "cpu", epochs=p.epochs,
-                       steps_per_epoch=plan.steps_per_epoch, mmap=True).step
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = Plan(params, len(prepared.split("train")), world)
+    meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest, world)
+    resume = find_resume(p.out_dir, meta, "cpu", epochs=p.epochs,
+                         steps_per_epoch=plan.steps_per_epoch, mmap=True)
+    _refuse_world_change(Path(p.out_dir), resume, meta)
+    return resume.step
 
 
 def pretrain(params: Params, logger: Logger | None = None) -> dict[str, Any]:
@@ -183,9 +199,10 @@ def setup_run(params: Params, info: DistInfo) -> Run:
                                  cache=None if p.num_workers == 0 else False)
     model, optimizer, plan, mask_gen = build_training(
         params, prepared.channels, len(train_input.dataset), info, device)
-    meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest)
+    meta = _meta(params, prepared.channels, plan.global_batch, prepared.digest, info.world)
     resume = find_resume(Path(p.out_dir), meta, device, epochs=p.epochs,
                          steps_per_epoch=plan.steps_per_epoch)
+    _refuse_world_change(Path(p.out_dir), resume, meta)
     schedule = run_schedule(plan, p.epochs, resume)
     _use_schedule(plan, schedule)
     return Run(params, info, device, prepared, crop_scale, train_input, model, optimizer, plan,
@@ -194,6 +211,17 @@ def setup_run(params: Params, info: DistInfo) -> Run:
                flops_per_image=step_flops_per_image(params.model, prepared.channels,
                                                     model.patch_matmul),
                peak_flops=peak_flops(device))
+
+
+def _refuse_world_change(out_dir: Path, resume: Resume, meta: dict[str, Any]) -> None:
+    """Stop, before anything is written, a run that would start from step 0 only because it
+    runs on another number of processes than the checkpoint it was meant to continue."""
+    if resume.state is not None:
+        return
+    candidates = [out_dir / CHECKPOINT, *sorted(out_dir.glob(KEYED_GLOB))]
+    found = world_change([c for c in candidates if c.is_file()], meta)
+    if found is not None:
+        raise WorldSizeChangedError(world_change_message(found[0], found[1], meta))
 
 
 def run_schedule(plan: Plan, epochs: int, resume: Resume) -> Schedule:

@@ -1,5 +1,6 @@
 """The pretraining loop for real on the tiny embedded data: loss, outputs, resume, NaN, DDP."""
 
+import contextlib
 import csv
 import json
 import os
@@ -181,6 +182,24 @@ def _sigkill_at_first_checkpoint(cmd, env, ckpt):
     proc.wait()
 
 
+def _sigkill_job_when(proc, path, timeout=180.0):
+    """SIGKILL a torchrun job, launcher and ranks, as soon as ``path`` exists. torchrun starts
+    each rank in a session of its own, so killing the launcher's process group alone leaves
+    the ranks training to the end (they only fail at the final barrier): that is no kill."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    launcher = psutil.Process(proc.pid)
+    job = [launcher, *launcher.children(recursive=True)]
+    for member in job:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(job, timeout=30)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tiny_prepared):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
@@ -221,12 +240,8 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, **common), world=2)
     ckpt = cut_dir / "models/pretrain/checkpoint.pt"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, cwd=_workdir(cmd))
-    deadline = time.time() + 180
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    proc.wait()
+                            cwd=_workdir(cmd))
+    _sigkill_job_when(proc, ckpt)  # the launcher and both ranks, mid-run
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     total = torch.load(full_dir / "models/pretrain/checkpoint.pt", weights_only=True)["step"]
     assert 0 < killed_at < total, "the kill must land mid-run for this test to mean anything"
@@ -242,6 +257,40 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
         with open(workdir / "plots" / "pretrain.csv", newline="") as handle:
             return [int(row["step"]) for row in csv.DictReader(handle)]
     assert steps(cut_dir) == steps(full_dir) and len(steps(full_dir)) > 1
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_continues_on_one_process_at_the_same_global_batch(tmp_path,
+                                                                           tiny_prepared):
+    """Killed on 2 processes, a run continues on 1: with the per-process batch kept (another
+    global batch) it stops with the fix and changes nothing; with the batch doubled it resumes
+    and ends on the weights of an uninterrupted 1-process run."""
+    one, cut_dir = tmp_path / "one", tmp_path / "cut"
+    common = dict(epochs=2, checkpoint_every_steps=3, figure_every_epochs=0)
+    _run_ok(*_cli(one, micro_run_params(one, tiny_prepared, batch_size=8, **common)))
+
+    cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, batch_size=4, **common),
+                    world=2)
+    ckpt = cut_dir / "models/pretrain/checkpoint.pt"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=_workdir(cmd))
+    _sigkill_job_when(proc, ckpt)
+    killed = torch.load(ckpt, weights_only=True)
+    total = torch.load(one / "models/pretrain/checkpoint.pt", weights_only=True)["step"]
+    assert 0 < killed["step"] < total, "the kill must land mid-run for this test to mean anything"
+
+    cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, batch_size=4, **common))
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=_workdir(cmd))
+    assert refused.returncode != 0
+    assert "trained on 2 process(es)" in refused.stderr, refused.stderr[-2000:]
+    assert "pretrain.batch_size=8" in refused.stderr
+    assert sorted(p.name for p in ckpt.parent.glob("*checkpoint*")) == ["checkpoint.pt"]
+    assert torch.load(ckpt, weights_only=True)["step"] == killed["step"]
+
+    _run_ok(*_cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, batch_size=8, **common)))
+    a, b = _weights(one), _weights(cut_dir)
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-5, k
 
 
 @pytest.mark.slow
