@@ -22,7 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pilamim.config import Params
+from pilamim.config import DataParams, Params
+
+# Data params that change the prepared shards: all but where prepare's work runs.
+PREPARE_DATA_KEYS = tuple(k for k in DataParams.model_fields
+                          if k not in ("workers", "dask_scheduler"))
 
 PathsOf = Callable[[Params], tuple[str, ...]]
 
@@ -88,7 +92,9 @@ TABLE: tuple[Stage, ...] = (
           package_files=("pilamim/data/embedded/fashion_mnist_subset.npz",)),
     Stage("prepare", "Validate images, split train/val/test, write the manifest and dataset "
           "digest.",
-          params={"data": None, "model": ("img_size",)},  # statistics at the model's input size
+          # every data param but where the work runs (the shards do not depend on it); the
+          # statistics are measured at the model's input size
+          params={"data": PREPARE_DATA_KEYS, "model": ("img_size",)},
           inputs={"fetch": lambda p: (p.data.raw_dir,)},
           outputs=lambda p: (p.data.out_dir,),
           metrics_file=lambda p: f"{p.data.out_dir}/dataset.json", metrics_in_dvc=False,
