@@ -47,6 +47,7 @@ class PreparedDataset:
     shards: dict[str, Any] = field(default_factory=dict)  # split -> items, chunks
     location: str | None = None  # s3://.../<digest> when the shards live in S3
     etags: dict[str, str] = field(default_factory=dict)  # "<split>/<file>" -> S3 ETag
+    shard_order: str = "path"  # how prepare ordered each split's images (data.shard_order)
     out_dir: Path | None = None
     counts: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -116,6 +117,7 @@ def load_prepared(out_dir: str | Path) -> PreparedDataset:
         shards=shards,
         location=info["shards"].get("location"),
         etags=info["shards"].get("etags", {}),
+        shard_order=info["shards"].get("order", "path"),
         out_dir=out_dir,
         counts=info.get("counts", {}),
         skipped=info.get("skipped", []),

@@ -8,16 +8,20 @@ reads exactly the old shards. The ETag of every uploaded shard is recorded, and 
 them all (one HEAD each) before it reads: a shard missing from S3 or changed after ``prepare``
 fails at the start, never mixed in.
 
-Readers go through litdata's ``StreamingDataset``: a chunk is downloaded whole into the node's
-cache (``PILAMIM_SHARD_CACHE_DIR``, shared by the ranks and loader workers of a node) the first
-time an image in it is read. Random access needs the split in the cache, so a split larger than
-the cache limit (``PILAMIM_SHARD_CACHE_GB``) is refused at the start with the numbers, rather
-than thrashing; no node ever downloads more than its limit.
+Readers go through litdata's ``StreamingDataset`` over the node's cache
+(``PILAMIM_SHARD_CACHE_DIR``, shared by the ranks and loader workers of a node): a chunk is
+downloaded whole the first time an image in it is read, and the least recently used chunks are
+evicted so the cache never holds more than ``PILAMIM_SHARD_CACHE_GB``
+(:mod:`pilamim.data.node_cache`). What a reader needs at once is checked at the start
+(:func:`check_remote`): a whole-split shuffle needs the whole split, a shuffle in windows of
+shards two windows, a read in order two shards. A split over that is refused with the numbers
+and the fix, rather than downloaded again and again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +60,8 @@ def upload(local_shards: Path, location: str) -> dict[str, str]:
     and size means the same bytes unless someone changed them, which the ETag check catches)."""
     from boto3.s3.transfer import TransferConfig
 
-    bucket, prefix = _bucket_and_prefix(location)
-    client = _client()
+    bucket, prefix = bucket_and_prefix(location)
+    client = s3_client()
     existing = {o["Key"]: o for o in _list(client, bucket, prefix)}
     config = TransferConfig(multipart_threshold=2**40)  # one PUT per shard: ETag = its md5
     etags: dict[str, str] = {}
@@ -75,12 +79,16 @@ def upload(local_shards: Path, location: str) -> dict[str, str]:
 
 
 def check_remote(location: str, splits: dict[str, Any], etags: dict[str, str],
-                 wanted: tuple[str, ...]) -> None:
+                 wanted: tuple[str, ...], shuffled: Mapping[str, int | None] | None = None,
+                 window_setting: str | None = None) -> None:
     """Refuse to start on a shard missing from S3 or changed since ``prepare`` uploaded it, or
-    on a split the node cache cannot hold."""
-    bucket, prefix = _bucket_and_prefix(location)
-    found = {o["Key"]: o for o in _list(_client(), bucket, prefix)}
-    limit = cache_limit_bytes()
+    on a split the node cache cannot serve as it will be read.
+
+    ``shuffled`` maps each split read in a shuffled order to its window in shards (None: the
+    whole split); the other splits are read in order. ``window_setting`` names the parameter
+    that sets the window, for the message."""
+    bucket, prefix = bucket_and_prefix(location)
+    found = {o["Key"]: o for o in _list(s3_client(), bucket, prefix)}
     for split in wanted:
         chunks = (splits.get(split) or {}).get("chunks", [])
         for chunk in chunks:
@@ -92,46 +100,63 @@ def check_remote(location: str, splits: dict[str, Any], etags: dict[str, str],
             if int(obj["Size"]) != chunk["bytes"] or obj["ETag"].strip('"') != etags.get(name):
                 raise DataError(f"shard {uri} changed since prepare uploaded it (size or ETag "
                                 f"differs); {REBUILD_REMOTE}")
-        total = sum(c["bytes"] for c in chunks)
-        if total > limit:
-            largest = max(c["bytes"] for c in chunks)
-            raise DataError(
-                f"the {split} shards in {location} take {total / 2**30:.2f} GB, over this node's "
-                f"shard cache limit of {limit / 2**30:.2f} GB ({CACHE_GB_ENV}; largest shard "
-                f"{largest / 2**20:.1f} MB): raise {CACHE_GB_ENV} (with room in "
-                f"{CACHE_DIR_ENV}={cache_dir()}), or train from local shards")
+        if chunks:
+            _check_fits(location, split, [int(c["bytes"]) for c in chunks],
+                        shuffled or {}, window_setting)
 
 
-def open_dataset(location: str, split: str) -> Any:
-    """litdata's dataset over one split in S3, downloading whole chunks into the node cache."""
-    from litdata import StreamingDataset
+def _check_fits(location: str, split: str, sizes: list[int],
+                shuffled: Mapping[str, int | None], window_setting: str | None) -> None:
+    """What one reader needs in the cache at once, against the node's limit.
 
-    _allow_plain_http_endpoints()
-    dataset = StreamingDataset(split_uri(location, split), cache_dir=str(cache_dir()))
-    # Whole chunks into the cache, not one ranged GET per image (litdata's default for
-    # random access): the cache check above bounds what that can take.
-    dataset._on_demand_bytes = False
-    return dataset
+    - a shuffle over the whole split reads any shard at any time: the whole split;
+    - a shuffle in windows of W shards (:func:`pilamim.data.shuffle_windows.windowed_order`): two
+      windows of the largest shards, the one being read and the next, which ranks and loader
+      workers start before the last of the previous one is read;
+    - a read in order (features, val/test): two shards, the one being read and the next.
+
+    Less than that is not wrong (evicted shards are downloaded again) but rereads the split
+    over and over, so it is refused with the numbers. Other readers on the node (another
+    stage, the kNN monitor) share the limit; LRU keeps each one's recent shards.
+    """
+    limit, total, largest = cache_limit_bytes(), sum(sizes), max(sizes)
+    where = (f"this node's shard cache limit of {limit / 2**30:.3f} GB ({CACHE_GB_ENV}, in "
+             f"{CACHE_DIR_ENV}={cache_dir()})")
+    if split in shuffled and shuffled[split] is None:
+        if total <= limit:
+            return
+        window = (f"; or shuffle it in windows of N shards ({window_setting}: N, with 2 x N x "
+                  f"{largest / 2**20:.1f} MB within the limit)" if window_setting else "")
+        raise DataError(
+            f"the {split} shards in {location} take {total / 2**30:.3f} GB, over {where}: a "
+            f"shuffle over the whole split needs it all in the cache (largest shard "
+            f"{largest / 2**20:.1f} MB). Raise {CACHE_GB_ENV}, or train from local "
+            f"shards{window}")
+    window_chunks = shuffled.get(split) or 1  # read in order: like a window of one shard
+    need = min(total, 2 * window_chunks * largest)
+    if need <= limit:
+        return
+    fits = limit // (2 * largest)
+    if split in shuffled:
+        lower = (f"lower {window_setting or 'the window'} to {fits} or less, or raise "
+                 f"{CACHE_GB_ENV}" if fits else f"raise {CACHE_GB_ENV}")
+        raise DataError(
+            f"the {split} split of {location} is shuffled in windows of {window_chunks} "
+            f"shards; the cache holds two windows (the one being read and the next): 2 x "
+            f"{window_chunks} x {largest / 2**20:.1f} MB (largest shard) = "
+            f"{need / 2**30:.3f} GB, over {where}: {lower}")
+    raise DataError(
+        f"reading the {split} shards of {location} in order needs two shards in the cache "
+        f"(the one being read and the next): 2 x {largest / 2**20:.1f} MB = "
+        f"{need / 2**30:.3f} GB, over {where}: raise {CACHE_GB_ENV}")
 
 
-def _allow_plain_http_endpoints() -> None:
-    """litdata 0.2.76 downloads through obstore, whose client refuses plain-http endpoints
-    unless told (its ``allow_http`` option, which litdata never sets): an S3 server on
-    loopback or inside a private network then fails with "builder error". Set it only when the
-    configured endpoint is http."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    if endpoint.startswith("http://"):
-        import litdata.streaming.downloader as downloader
-
-        downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
-
-
-def _bucket_and_prefix(location: str) -> tuple[str, str]:
+def bucket_and_prefix(location: str) -> tuple[str, str]:
     bucket, _, prefix = location.removeprefix("s3://").partition("/")
     return bucket, prefix.strip("/")
 
 
-def _client():
+def s3_client() -> Any:
     import boto3
 
     return boto3.session.Session().client("s3")

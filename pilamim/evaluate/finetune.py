@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pilamim.config import FinetuneParams
 from pilamim.data.progress import EpochLines
+from pilamim.data.shuffle_windows import WindowedShuffle
 from pilamim.device import autocast, autocast_dtype
 from pilamim.evaluate.features import make_loader
 from pilamim.evaluate.linear_probe import report_split
@@ -248,8 +249,11 @@ def build_run(encoder_dir: str | Path, train_ds: Dataset, num_classes: int,
     if micro < (2 if mixup is not None else 1):
         raise ValueError(f"fine-tuning needs at least 2 training samples, got {n_train}")
     generator = torch.Generator().manual_seed(params.seed)
-    loader = make_loader(train_ds, micro, device, params.num_workers, shuffle=True,
-                         drop_last=True, generator=generator)
+    if params.shuffle_window_chunks is None:
+        loader = make_loader(train_ds, micro, device, params.num_workers, shuffle=True,
+                             drop_last=True, generator=generator)
+    else:
+        loader = _windowed_loader(train_ds, micro, device, params, generator)
     accum = min(params.accum_steps, len(loader))
     updates_per_epoch = len(loader) // accum
     lr = params.base_lr * micro * accum / 256
@@ -258,6 +262,22 @@ def build_run(encoder_dir: str | Path, train_ds: Dataset, num_classes: int,
                        used=updates_per_epoch * accum, lr=lr,
                        total=params.epochs * updates_per_epoch,
                        warmup=params.warmup_epochs * updates_per_epoch)
+
+
+def _windowed_loader(train_ds: Dataset, micro: int, device: torch.device,
+                     params: FinetuneParams, generator: torch.Generator) -> DataLoader:
+    """The training loader when ``finetune.shuffle_window_chunks`` is set: a shuffle that reads
+    that many shards at a time (:func:`pilamim.data.shuffle_windows.windowed_order`), for a split
+    larger than the node's shard cache; ``generator`` draws each epoch's order and the worker
+    seeds, as it does for the whole-split shuffle."""
+    chunks = getattr(getattr(train_ds, "shards", None), "chunk_items", None)
+    if chunks is None:
+        raise ValueError("finetune.shuffle_window_chunks needs a training set read from shards "
+                         "(a ManifestDataset); set it to null for this one")
+    sampler = WindowedShuffle(chunks, params.shuffle_window_chunks or 1, generator)
+    return DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
+                      num_workers=params.num_workers, pin_memory=device.type == "cuda",
+                      generator=generator, persistent_workers=False)
 
 
 def train_one_epoch(run: FinetuneRun, epoch: int, params: FinetuneParams, device: torch.device,

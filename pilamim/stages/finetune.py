@@ -28,7 +28,10 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     logger = logger or NullLogger()
     torch.manual_seed(p.seed)
     prepared = load_prepared(p.data_dir)
-    verify_shards(prepared)  # a changed or truncated shard fails here, before any training
+    # A changed or truncated shard (or an S3 cache too small for the shuffle) fails here,
+    # before any training.
+    verify_shards(prepared, shuffled={"train": p.shuffle_window_chunks},
+                  window_setting="finetune.shuffle_window_chunks")
     spec = read_spec(p.encoder_dir)
     check_encoder_fits_data(spec, p.encoder_dir, prepared.digest, prepared.channels, p.data_dir,
                             "finetune")

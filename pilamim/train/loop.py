@@ -166,7 +166,9 @@ def _pretrain(params: Params, logger: Logger, info: DistInfo) -> dict[str, Any]:
     run = setup_run(params, info)
     resume_run(run)
     train_step = TrainStep(run.model, run.optimizer, run.plan, run.mask_gen, info, run.device)
-    sampler = EpochSampler(len(run.train_set), info.world, info.rank, params.pretrain.seed)
+    sampler = EpochSampler(len(run.train_set), info.world, info.rank, params.pretrain.seed,
+                           chunks=[c["items"] for c in run.prepared.shards["train"]["chunks"]],
+                           window=params.pretrain.shuffle_window_chunks)
     monitors = build_monitors(run.model, run.prepared, params, run.device, info.is_main)
     meter = LossMeter.zeros(run.device)
     t_start = time.perf_counter()
@@ -191,7 +193,10 @@ def setup_run(params: Params, info: DistInfo) -> Run:
         ensure_writable([p.out_dir, Path(p.metrics_path).parent])
     device = resolve_device(p.device, info.local_rank)
     prepared = load_prepared(p.data_dir)
-    verify_shards(prepared)  # a changed or truncated shard fails here, before any training
+    # A changed or truncated shard (or an S3 cache too small for the shuffle) fails here,
+    # before any training.
+    verify_shards(prepared, shuffled={"train": p.shuffle_window_chunks},
+                  window_setting="pretrain.shuffle_window_chunks")
     # Decoded-image cache only in-process: workers would each hold (and drop) their own copy.
     crop_scale = resolve_crop_scale(p.crop_scale, params.model.img_size)
     train_input = pretrain_input(prepared, "train", params.model.img_size, crop_scale,

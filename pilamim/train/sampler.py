@@ -3,15 +3,21 @@
 Each yielded key is ``(index, seed)`` with the seed a function of (run seed, epoch, index) only.
 So the augmentation a sample gets does not depend on which worker or rank loads it, which makes
 a mid-epoch resume and a 2-process DDP run reproduce a 1-process run exactly.
+
+A split larger than the node's shard cache is shuffled in windows of shards
+(:func:`~pilamim.data.shuffle_windows.windowed_order`): the order still depends only on (seed,
+epoch, shards, window), so dealing it over ranks keeps all of the above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from pilamim.data.shuffle_windows import windowed_order
 
 
 def sample_seeds(run_seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
@@ -29,12 +35,21 @@ def sample_seeds(run_seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
 
 class EpochSampler(Sampler[tuple[int, int]]):
     """Shuffles with ``seed + epoch``, deals rank r every world-th index (like
-    ``DistributedSampler``), and can start part-way through an epoch."""
+    ``DistributedSampler``), and can start part-way through an epoch.
+
+    With ``window`` (and the split's per-shard item counts ``chunks``) the shuffle is
+    :func:`~pilamim.data.shuffle_windows.windowed_order`; without, a permutation of the whole
+    split (the order runs before windows existed had, bit for bit)."""
 
     def __init__(self, size: int, world: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, chunks: Sequence[int] | None = None,
+                 window: int | None = None) -> None:
+        if window is not None and (chunks is None or sum(chunks) != size):
+            raise ValueError(f"a shuffle window needs the item count of every shard, summing to "
+                             f"the {size} samples; got {None if chunks is None else sum(chunks)}")
         self.size, self.world, self.rank = size, world, rank
         self.seed, self.shuffle = seed, shuffle
+        self.chunks, self.window = list(chunks or []), window
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -42,7 +57,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.epoch, self.start = epoch, start
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
+        if self.shuffle and self.window is not None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = windowed_order(self.chunks, self.window, g)
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=g)
         else:
