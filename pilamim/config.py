@@ -61,6 +61,10 @@ class DataParams(_Strict):
         None, description="s3://bucket/prefix to keep the shards in (under <prefix>/<digest>/), "
         "null: <out_dir>/shards"
     )
+    shard_order: Literal["path", "shuffled"] = Field(
+        "path", description="each split's image order in its shards and the manifest: 'path' "
+        "(sorted), or 'shuffled' (seeded by data.seed: every shard mixes the classes, which "
+        "shuffle_window_chunks needs)")
     max_side: int | None = Field(
         None, ge=16, description="re-encode images whose longer side exceeds this as JPEG of "
         "that side (as FFCV's max_resolution); null: every file's bytes are stored unchanged")
@@ -68,7 +72,7 @@ class DataParams(_Strict):
                               description="JPEG quality of the images max_side re-encodes")
     dask_scheduler: str | None = Field(
         None, description="tcp://host:port of a Dask scheduler to run prepare's shard tasks on "
-        "(its workers must reach the source and out_dir's parent); null: local processes")
+        "(its workers must reach the source, raw_dir and out_dir's parent); null: local processes")
 
     @field_validator("shards_uri")
     @classmethod

@@ -4,8 +4,9 @@ Every image is read once: the split is decided from the listing (each class shuf
 generator seeded with ``(seed, class index)``; its first images go to test, the next to val, the
 rest to train), the images of each split are cut into shard ranges by listed size, and one task
 per range reads, decodes, checks, hashes and writes its chunk (:mod:`pilamim.data.shards`) on
-every core. A file that turns out unusable leaves a hole in its split (listed in ``skipped``)
-rather than moving the other images, so no image's split depends on another image's bytes.
+every core or on a Dask cluster (:mod:`pilamim.data.task_runner`). A file that turns out
+unusable leaves a hole in its split (listed in ``skipped``) rather than moving the other
+images, so no image's split depends on another image's bytes.
 
 Everything is deterministic: same inputs, byte-identical chunks, ``manifest.csv`` and
 ``dataset.json``, whatever the core count. The digest covers the manifest (every image's path,
@@ -24,8 +25,9 @@ import logging
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ from pilamim.data.shards import (
 )
 from pilamim.data.source_files import SourceFiles, open_files
 from pilamim.data.sources import image_root, materialize
+from pilamim.data.task_runner import run_each, task_executor
 from pilamim.io import atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,11 @@ def prepare(params: DataParams, fetch: bool = True,
     With ``fetch`` the source is fetched first; the ``prepare`` stage passes False and reads
     what the ``fetch`` stage recorded under ``raw_dir`` (DVC versions that separately).
     ``img_size`` is the model's input size, the size mean/std are measured at.
+
+    With ``dask_scheduler`` the shard tasks run on that cluster's workers, which read the
+    source and the fetch's inventory themselves and write into ``.prepare-work/`` beside
+    ``out_dir``: they must reach the source (the same path, or S3) and ``raw_dir``, and share
+    ``out_dir``'s parent folder with this machine.
     """
     if fetch:
         materialize(params)
@@ -102,12 +110,16 @@ def prepare(params: DataParams, fetch: bool = True,
     out_dir = Path(params.out_dir).expanduser().absolute()
     work = _work_dir(out_dir, plan, params, img_size)
     options = ShardOptions(img_size, params.max_side, params.jpeg_quality)
-    results = _run_tasks(files, plan, work, options, params.workers)
+    results = _run_tasks(files, plan, work, options, params)
     kept = {s: [c for r in results[s] for c in checked_images(r)] for s in SPLITS}
     skipped = sorted((e for s in SPLITS for r in results[s] for e in r["skipped"]),
                      key=lambda e: e["path"])
     classes, empty, skipped = _take_stock(files, plan.classes, kept, skipped, params.bad_images)
-    rows = sorted((c.rel, _class_of(c.rel), s, c.sha256) for s in SPLITS for c in kept[s])
+    # Within a split the manifest lists the images in shard order: a loader's index i is the
+    # manifest's i-th image of the split and the i-th item of its shards.
+    rows = [(c.rel, _class_of(c.rel), s, c.sha256) for s in SPLITS for c in kept[s]]
+    if params.shard_order == "path":
+        rows.sort()
     manifest = _manifest_text(rows)
     shards = {s: {"dir": f"{SHARDS_DIR}/{s}", "items": len(kept[s]),
                   "chunks": [r["chunk"] for r in results[s] if r["chunk"]]} for s in SPLITS}
@@ -151,8 +163,11 @@ def _plan(files: SourceFiles, params: DataParams) -> _Plan:
             by_split[split].append((rel, name))
     shard_bytes = int(params.shard_mb * 2**20)
     tasks = []
-    for split in SPLITS:
+    for split_index, split in enumerate(SPLITS):
         items = sorted(by_split[split])
+        if params.shard_order == "shuffled":  # its own stream: the split itself stays the same
+            rng = np.random.default_rng([params.seed, len(classes) + split_index])
+            items = [items[i] for i in rng.permutation(len(items))]
         tasks += plan_tasks(split, items, [files.size(rel) for rel, _ in items], shard_bytes)
     return _Plan(classes, tasks, sum(len(v) for v in by_split.values()))
 
@@ -177,8 +192,11 @@ def _work_dir(out_dir: Path, plan: _Plan, params: DataParams, img_size: int) -> 
 
 
 def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, options: ShardOptions,
-               workers: int | None) -> dict[str, list[dict[str, Any]]]:
-    """Run every shard task not finished by an earlier (killed) run; results in shard order."""
+               params: DataParams) -> dict[str, list[dict[str, Any]]]:
+    """Run every shard task not finished by an earlier (killed) run; results in shard order.
+
+    Small work runs in this process unless a Dask cluster is named (it is then used anyway).
+    """
     results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SPLITS}
     pending = []
     for task in plan.tasks:
@@ -188,26 +206,17 @@ def _run_tasks(files: SourceFiles, plan: _Plan, work: Path, options: ShardOption
         else:
             results[task.split][task.index] = found
     done_images = plan.images - sum(len(t.items) for t in pending)
-    workers = min(workers or _cores(), max(len(pending), 1))
+    processes = min(params.workers or _cores(), max(len(pending), 1))
     if sum(t.size for t in pending) < POOL_MIN_BYTES:
-        workers = 1
-    with Progress(plan.images, done_images, "preparing images") as progress:
-        if workers <= 1:
-            for task in pending:
-                result = _task(files, task, work, options)
-                results[task.split][task.index] = result
-                progress.update(len(task.items))
-        else:
-            import multiprocessing
-
-            context = multiprocessing.get_context("spawn")  # no inherited threads or locks
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = {pool.submit(_task, files, task, work, options): task
-                           for task in pending}
-                for future in as_completed(futures):
-                    task = futures[future]
-                    results[task.split][task.index] = future.result()
-                    progress.update(len(task.items))
+        processes = 1
+    run = partial(_task, files, work=work, options=options)
+    with (task_executor(params.dask_scheduler, processes) as executor,
+          closing(run_each(run, pending, executor)) as finished,  # closed: the rest cancelled
+          Progress(plan.images, done_images, "preparing images") as progress):
+        for task, result in finished:
+            _check_visible(task, work)
+            results[task.split][task.index] = result
+            progress.update(len(task.items))
     return {s: [results[s][i] for i in sorted(results[s])] for s in SPLITS}
 
 
@@ -215,6 +224,16 @@ def _task(files: SourceFiles, task: ShardTask, work: Path,
           options: ShardOptions) -> dict[str, Any]:
     return write_shard(files, task, work / SHARDS_DIR / task.split,
                        work / "tasks" / f"{task.name}.json", options)
+
+
+def _check_visible(task: ShardTask, work: Path) -> None:
+    """Refuse a task whose result and chunk this process cannot see: Dask workers on other
+    machines that wrote to their own disks, so the shards could never be merged here."""
+    result = work / "tasks" / f"{task.name}.json"
+    if read_result(result, work / SHARDS_DIR / task.split) is None:
+        raise DataError(f"shard task {task.name} finished, but its result {result} (or its "
+                        "chunk) is not visible here: out_dir must be on a filesystem that every "
+                        "Dask worker shares with this machine (data.dask_scheduler)")
 
 
 def _cores() -> int:
@@ -275,7 +294,8 @@ def _dataset_info(params: DataParams, classes: list[str], empty: list[str],
         "split": {"seed": params.seed, "val_fraction": params.val_fraction,
                   "test_fraction": params.test_fraction,
                   "max_images_per_class": params.max_images_per_class},
-        "shards": {"format": "litdata", "shard_mb": params.shard_mb, "max_side": params.max_side,
+        "shards": {"format": "litdata", "shard_mb": params.shard_mb,
+                   "order": params.shard_order, "max_side": params.max_side,
                    "jpeg_quality": params.jpeg_quality if params.max_side else None,
                    "splits": shards},
         "manifest_sha256": manifest_sha256,

@@ -12,7 +12,8 @@ runner, in any order, and a killed run redoes only the ranges without a result f
 
 Each item is ``{"image": file bytes, "label": class name, "path": source path, "sha256"}``:
 the file exactly as it was checked (a JPEG stays a JPEG), so the loaders decode exactly what
-``prepare`` validated and hashed.
+``prepare`` validated and hashed; with ``data.max_side``, an image larger than that is stored as
+a JPEG of that side instead (:mod:`pilamim.data.reencode`; ``sha256`` stays the source file's).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import json
 import os
 import queue
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pilamim.data.image_check import CheckedImage, check_bytes
+from pilamim.data.reencode import fit_max_side
 from pilamim.io import atomic_write_json, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
@@ -36,6 +41,7 @@ RANK_ENV = "DATA_OPTIMIZER_GLOBAL_RANK"  # litdata names a writer's chunks after
 # A writer's chunk limit, the same for every task (litdata's merge wants one config): far above
 # any range, so each task's images make exactly one chunk, written when the task is done.
 ONE_CHUNK = 1 << 40
+_RANK_LOCK = threading.Lock()  # see _as_rank
 
 
 @dataclass(frozen=True)
@@ -93,31 +99,33 @@ def write_shard(files: SourceFiles, task: ShardTask, split_dir: Path, result_pat
     skipped: list[dict[str, str]] = []
     checked: list[CheckedImage] = []
     split_dir.mkdir(parents=True, exist_ok=True)
-    previous_rank = os.environ.get(RANK_ENV)
-    os.environ[RANK_ENV] = str(task.index)
-    try:
+    with _as_rank(task.index):
         # A queue for litdata's one chatty message (the inferred item types), which it would
         # otherwise print once per task.
         writer = BinaryWriter(str(split_dir), chunk_bytes=ONE_CHUNK, msg_queue=queue.Queue())
-        for rel, label in task.items:
-            try:
-                data = files.read(rel)  # a DataError (changed since fetch) ends the run
-            except OSError as err:
-                skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"})
-                continue
-            image = check_bytes(rel, data, skipped, options.img_size)
-            if image is not None:
-                writer[len(checked)] = {"image": data, "label": label, "path": rel,
-                                        "sha256": image.sha256}
-                checked.append(image)
-        chunk = None
-        if checked:
+        if writer.rank != task.index:  # read now and kept: later reads skip the variable
+            raise RuntimeError(f"litdata writer has rank {writer.rank}, not {task.index}")
+    for rel, label in task.items:
+        try:
+            data = files.read(rel)  # a DataError (changed since fetch) ends the run
+        except OSError as err:
+            skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"})
+            continue
+        image = check_bytes(rel, data, skipped, options.img_size)
+        if image is not None:
+            stored = fit_max_side(data, options.max_side, options.jpeg_quality)
+            writer[len(checked)] = {"image": stored, "label": label, "path": rel,
+                                    "sha256": image.sha256}
+            checked.append(image)
+    chunk = None
+    if checked:
+        # Without the variable, done() writes nothing to a folder that already holds a
+        # merged index (a task redone after the merge).
+        with _as_rank(task.index):
             writer.done()
-            path = split_dir / chunk_name(task.index)
-            chunk = {"file": path.name, "bytes": path.stat().st_size,
-                     "sha256": file_sha256(path), "items": len(checked)}
-    finally:
-        _restore_env(RANK_ENV, previous_rank)
+        path = split_dir / chunk_name(task.index)
+        chunk = {"file": path.name, "bytes": path.stat().st_size,
+                 "sha256": file_sha256(path), "items": len(checked)}
     result = {"task": task.name, "chunk": chunk, "skipped": skipped,
               "images": [[c.rel, c.sha256, c.gray, c.pixels, list(c.sums), list(c.squares)]
                          for c in checked]}
@@ -173,6 +181,20 @@ def publish(work_shards: Path, out_shards: Path) -> None:
         os.replace(out_shards, old)
     os.replace(work_shards, out_shards)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _as_rank(index: int) -> Iterator[None]:
+    """Set litdata's rank variable while a writer reads it. It is one variable per process,
+    and a Dask worker with several threads runs several tasks in one process: each holds it
+    only under a lock, or one task's chunk could be named after another's."""
+    with _RANK_LOCK:
+        previous = os.environ.get(RANK_ENV)
+        os.environ[RANK_ENV] = str(index)
+        try:
+            yield
+        finally:
+            _restore_env(RANK_ENV, previous)
 
 
 def _restore_env(name: str, value: str | None) -> None:
