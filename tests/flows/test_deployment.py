@@ -27,7 +27,7 @@ def test_prefect_yaml_is_valid_for_prefect_deploy(prefect_yaml):
     model = PrefectYamlModel.model_validate(prefect_yaml)
     dep, gpu = model.deployments
     assert gpu.name == "pretrain-gpu" and gpu.work_pool.name == "pilamim-gpu"
-    assert gpu.entrypoint == "flows/distributed.py:pretrain_distributed"
+    assert gpu.entrypoint == "flows/torchrun_job.py:pretrain_distributed"
     assert not gpu.schedules
     assert dep.name == deploy.DEPLOYMENT_NAME
     assert dep.work_pool.name == deploy.WORK_POOL
@@ -41,7 +41,7 @@ def test_entrypoint_loads_the_flow_from_the_file(monkeypatch):
     monkeypatch.chdir(REPO)
     flow = load_flow_from_entrypoint(deploy.ENTRYPOINT)
     assert flow.name == FLOW_NAME
-    gpu = load_flow_from_entrypoint("flows/distributed.py:pretrain_distributed")
+    gpu = load_flow_from_entrypoint("flows/torchrun_job.py:pretrain_distributed")
     assert gpu.name == "pilamim-pretrain-distributed"
     assert set(gpu.parameters.properties) >= {"nproc_per_node", "nnodes", "rdzv_endpoint"}
 

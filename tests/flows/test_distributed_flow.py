@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from pilamim_flows.distributed import placement, pretrain_distributed, torchrun_command
+from pilamim_flows.torchrun_job import placement, pretrain_distributed, torchrun_command
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 from pilamim.params_files import dump_params
@@ -23,7 +23,7 @@ from tests.servers._process import free_port
 # One node's flow run, as a worker would start it in its own checkout (the working directory).
 NODE_RUN = """
 import json, sys
-from pilamim_flows.distributed import pretrain_distributed
+from pilamim_flows.torchrun_job import pretrain_distributed
 endpoint, job, out = sys.argv[1:]
 state = pretrain_distributed(nproc_per_node="1", nnodes="2", rdzv_endpoint=endpoint,
                              rdzv_id=job, return_state=True)

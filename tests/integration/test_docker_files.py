@@ -295,7 +295,7 @@ def test_the_real_env_file_is_git_ignored():
 
 def test_docker_work_pool_template_runs_the_flow_engine_with_gpus():
     """The container runs Prefect's flow-run command (so the run reports its state); the
-    deployment's flow launches torchrun (flows/distributed.py)."""
+    deployment's flow launches torchrun (flows/torchrun_job.py)."""
     import jsonschema
     from prefect.utilities.templating import apply_values
 

@@ -15,6 +15,9 @@ and never a metrics file an earlier run left on their disk.
     prefect deployment run pilamim-pretrain-distributed/pretrain-gpu              # 1 node
     prefect deployment run pilamim-pretrain-distributed/pretrain-gpu \\
         --param nnodes=2 --param rdzv_endpoint=node0:29400 --param rdzv_id=job-17  # per node
+
+Not named ``distributed.py``: Prefect puts an entrypoint's folder on ``sys.path``, and a module of
+that name there shadowed Dask's ``distributed`` package in every process spawned afterwards.
 """
 
 from __future__ import annotations
