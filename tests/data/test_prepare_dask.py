@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
 
@@ -19,8 +18,8 @@ from pilamim.config import DataParams
 from pilamim.data.errors import DataError
 from pilamim.data.prepare import WORK_DIR, _check_visible, prepare
 from pilamim.data.shards import ShardTask
-from pilamim.data.sources import materialize
-from tests.data.helpers import make_tree, png_bytes
+from tests.data.helpers import make_tree
+from tests.data.test_prepare_sources import check_a_changed_local_image_is_named
 
 # One cluster for the module: its workers pay torch's import once.
 pytestmark = pytest.mark.xdist_group("dask")
@@ -119,17 +118,7 @@ def test_an_unreachable_scheduler_is_named_quickly(tmp_path: Path,
 
 
 def test_a_failing_task_on_a_worker_says_why(tmp_path: Path, cluster: LocalCluster) -> None:
-    root = make_tree(tmp_path / "imgs", {"a": 4, "b": 4})
-    params = DataParams(source=str(root), raw_dir=str(tmp_path / "raw"),
-                        out_dir=str(tmp_path / "out"), dask_scheduler=cluster.scheduler_address)
-    materialize(params)
-    changed = root / "b" / "img_002.png"
-    changed.write_bytes(png_bytes(np.full((20, 24), 9, np.uint8)))
-    os.utime(changed, ns=(1, 1))
-    with pytest.raises(DataError, match="pilamim fetch") as err:
-        prepare(params, fetch=False)
-    assert "b/img_002.png" in str(err.value)
-    assert not (tmp_path / "out" / "dataset.json").exists()
+    check_a_changed_local_image_is_named(tmp_path, dask_scheduler=cluster.scheduler_address)
 
 
 def test_a_worker_with_two_threads_writes_the_same_bytes(

@@ -46,9 +46,15 @@ def test_what_the_fetch_left_out_fails_a_strict_run(tmp_path: Path) -> None:
 
 
 def test_a_local_image_changed_after_fetch_is_named(tmp_path: Path) -> None:
+    check_a_changed_local_image_is_named(tmp_path)
+
+
+def check_a_changed_local_image_is_named(tmp_path: Path, **changes) -> None:
+    """A file changed between fetch and prepare stops prepare (run with ``changes`` to the
+    params, e.g. on a Dask cluster), naming the file, with nothing written."""
     root = make_tree(tmp_path / "imgs", {"a": 4, "b": 4})
     params = DataParams(source=str(root), raw_dir=str(tmp_path / "raw"),
-                        out_dir=str(tmp_path / "out"))
+                        out_dir=str(tmp_path / "out"), **changes)
     materialize(params)
     changed = root / "b" / "img_002.png"
     changed.write_bytes(png_bytes(np.full((20, 24), 9, np.uint8)))
