@@ -21,9 +21,9 @@ def windowed_order(chunk_items: Sequence[int], window: int,
 
     Why: random access over a whole split needs all its shards in the node cache; this order
     needs only the window being read and the next one. Every sample is still seen once per
-    epoch, but a batch only mixes the images of ``window`` shards, and ``prepare`` writes a
-    split in path order (a shard holds one or two classes): a window should span many
-    classes. The order draws only from ``generator``.
+    epoch, but a batch only mixes the images of ``window`` shards, so the shards must have been
+    written in a shuffled order (``data.shard_order: shuffled``; :func:`pilamim.data.
+    shard_reader.verify_shards` refuses others). The order draws only from ``generator``.
     """
     if window < 1:
         raise ValueError(f"a shuffle window needs at least 1 shard, got {window}")

@@ -10,7 +10,7 @@ import sys
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pilamim.device import autocast
@@ -18,10 +18,11 @@ from pilamim.device import autocast
 
 def make_loader(dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
                 shuffle: bool = False, drop_last: bool = False,
-                generator: torch.Generator | None = None) -> DataLoader:
+                generator: torch.Generator | None = None,
+                sampler: Sampler | None = None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=generator, persistent_workers=False)
+                      generator=generator, persistent_workers=False, sampler=sampler)
 
 
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int,

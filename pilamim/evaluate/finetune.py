@@ -275,9 +275,8 @@ def _windowed_loader(train_ds: Dataset, micro: int, device: torch.device,
         raise ValueError("finetune.shuffle_window_chunks needs a training set read from shards "
                          "(a ManifestDataset); set it to null for this one")
     sampler = WindowedShuffle(chunks, params.shuffle_window_chunks or 1, generator)
-    return DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
-                      num_workers=params.num_workers, pin_memory=device.type == "cuda",
-                      generator=generator, persistent_workers=False)
+    return make_loader(train_ds, micro, device, params.num_workers, drop_last=True,
+                       generator=generator, sampler=sampler)
 
 
 def train_one_epoch(run: FinetuneRun, epoch: int, params: FinetuneParams, device: torch.device,
