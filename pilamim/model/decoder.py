@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from pilamim.model.attention import use_cpu_autocast_attention
 from pilamim.model.masking import gather_tokens
 
 
@@ -22,6 +23,7 @@ class MaskedDecoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
         self.blocks = nn.Sequential(*[Block(dim, heads, qkv_bias=qkv_bias) for _ in range(depth)])
         self.head = nn.Linear(dim, out_dim)
+        use_cpu_autocast_attention(self.blocks)
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """(B, 1 + K, E) encoder tokens -> (B, 1 + N, out_dim) in raster order, [CLS] first."""

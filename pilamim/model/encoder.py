@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pilamim.config import ModelParams
+from pilamim.model.attention import use_cpu_autocast_attention
 from pilamim.model.masking import gather_tokens
 
 # size -> (timm model name, embed_dim, depth, heads). micro/mini are our small CPU sizes.
@@ -62,7 +63,7 @@ def build_encoder(params: ModelParams, in_chans: int, **overrides: Any) -> nn.Mo
     name, kwargs = encoder_spec(params, in_chans)
     encoder = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
     init_weights(encoder, params.init)
-    return encoder
+    return use_cpu_autocast_attention(encoder)
 
 
 def patch_tokens(encoder: nn.Module, images: torch.Tensor,

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pilamim.io import OutputBatch
+from pilamim.model.attention import use_cpu_autocast_attention
 
 WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
@@ -78,4 +79,4 @@ def load_encoder(encoder_dir: str | Path, **overrides: Any) -> nn.Module:
             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}; re-export it with "
             "`pilamim pretrain`"
         )
-    return model
+    return use_cpu_autocast_attention(model)
