@@ -145,7 +145,9 @@ def _check_crop_scale(value: CropScale) -> None:
 
 
 # How pretraining images reach the device (pilamim.data.pretrain_input builds each one).
-InputPipeline = Literal["pil", "device", "device_bicubic"]
+InputPipeline = Literal["auto", "memory", "pil", "device", "device_bicubic"]
+# How fine-tuning images reach the model (pilamim.data.memory_split says when memory applies).
+FinetuneInput = Literal["auto", "memory", "pil"]
 
 
 class PretrainParams(_Strict):
@@ -186,9 +188,11 @@ class PretrainParams(_Strict):
         "shard order) so a node cache need hold only a window of a split; null: shuffle the "
         "whole split (its shards must fit the node cache)")
     input_pipeline: InputPipeline = Field(
-        "pil", description="pil: workers decode with PIL, bicubic crop (MAE's); device: workers "
-        "read bytes, the training device decodes (nvJPEG on CUDA) and crops with roi_align; "
-        "device_bicubic: same, antialiased bicubic per image")
+        "auto", description="memory: the split decoded once into one uint8 tensor, flips and "
+        "normalisation on the batch (images already img_size square, crop_scale (1, 1)); pil: "
+        "workers decode with PIL, bicubic crop (MAE's); device: workers read bytes, the training "
+        "device decodes (nvJPEG on CUDA) and crops with roi_align; device_bicubic: same, "
+        "antialiased bicubic per image; auto: memory where it applies, else pil")
     crop_scale: CropScale = Field("auto", description=CROP_SCALE_HELP)
     hflip: bool = False
     checkpoint_every_steps: int = Field(50, ge=1)
@@ -281,6 +285,11 @@ class FinetuneParams(_Strict):
         None, ge=1, description="shuffle within windows of this many shards (in a shuffled "
         "shard order) so a node cache need hold only a window of a split; null: shuffle the "
         "whole split (its shards must fit the node cache)")
+    input_pipeline: FinetuneInput = Field(
+        "auto", description="memory: each split decoded once into one uint8 tensor, flips and "
+        "normalisation on the batch (needs images already img_size square, crop_scale (1, 1) "
+        "and 'light' regularisation); pil: timm's per-image transforms; auto: memory where it "
+        "applies, else pil")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> FinetuneParams:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pilamim.data.pretrain_input import PIPELINES as PIPELINES  # re-exported for the CLI
+from pilamim.data.pretrain_input import FILE_PIPELINES as PIPELINES  # noqa: F401 (the CLI)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from pilamim.data.memory_split import collate_fn_for
 from pilamim.device import autocast
 
 
@@ -22,7 +23,8 @@ def make_loader(dataset: Dataset, batch_size: int, device: torch.device, num_wor
                 sampler: Sampler | None = None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=generator, persistent_workers=False, sampler=sampler)
+                      generator=generator, persistent_workers=False, sampler=sampler,
+                      collate_fn=collate_fn_for(dataset))
 
 
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int,

@@ -35,6 +35,7 @@ from pilamim.evaluate.metrics import classification_metrics, topk_accuracy
 from pilamim.evaluate.seeding import seeded
 from pilamim.evaluate.timm_compat import safe_posterize
 from pilamim.loggers import Logger, NullLogger
+from pilamim.model.attention import use_cpu_autocast_attention
 from pilamim.model.export import WEIGHTS, read_spec
 from pilamim.recipes import resolve_crop_scale, uses_mae_regularisation
 from pilamim.schedules import cosine_with_warmup, set_lr
@@ -133,7 +134,7 @@ def build_finetune_model(encoder_dir: str | Path, num_classes: int, drop_path: f
         )
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
-    return model
+    return use_cpu_autocast_attention(model)
 
 
 def build_finetune_optimizer(model: nn.Module, params: FinetuneParams,
@@ -292,15 +293,7 @@ def train_one_epoch(run: FinetuneRun, epoch: int, params: FinetuneParams, device
         if i % run.accum == 0:
             set_lr(run.optimizer,
                    cosine_with_warmup(run.step, run.total, run.warmup, run.lr, params.min_lr))
-        images = images.to(device, non_blocking=True)
-        targets = torch.as_tensor(labels).long().to(device, non_blocking=True)
-        if run.mixup is not None:
-            images, targets = run.mixup(images, targets)
-        with autocast(device, dtype):
-            logits = run.model(images)
-        loss = run.criterion(logits.float(), targets)
-        (loss / run.accum).backward()
-        loss_sum += loss.detach() * images.shape[0]
+        loss_sum += train_micro_batch(run, images, labels, device, dtype)
         seen += images.shape[0]
         if (i + 1) % run.accum == 0:
             run.optimizer.step()
@@ -313,6 +306,22 @@ def train_one_epoch(run: FinetuneRun, epoch: int, params: FinetuneParams, device
             "finetune.base_lr or set finetune.precision: fp32"
         )
     return train_loss
+
+
+def train_micro_batch(run: FinetuneRun, images: Tensor, labels: Any, device: torch.device,
+                      dtype: torch.dtype | None) -> Tensor:
+    """Forward and backward of one micro-batch (Mixup applied, the loss scaled for gradient
+    accumulation); returns its loss summed over the images, on the device. The optimizer step
+    is the caller's, so ``benchmarks.cpu_step`` times exactly what an epoch runs."""
+    images = images.to(device, non_blocking=True)
+    targets = torch.as_tensor(labels).long().to(device, non_blocking=True)
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    with autocast(device, dtype):
+        logits = run.model(images)
+    loss = run.criterion(logits.float(), targets)
+    (loss / run.accum).backward()
+    return loss.detach() * images.shape[0]
 
 
 def epoch_metrics(run: FinetuneRun, train_loss: float, eval_sets: Mapping[str, Dataset],

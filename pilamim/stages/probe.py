@@ -9,9 +9,10 @@ import torch
 
 from pilamim.config import Params
 from pilamim.data.dataset import ManifestDataset
+from pilamim.data.memory_split import eval_dataset
 from pilamim.data.prepared import load_prepared
 from pilamim.data.shard_reader import verify_shards
-from pilamim.data.transforms import eval_transform, pretrain_transform
+from pilamim.data.transforms import pretrain_transform
 from pilamim.device import resolve_device
 from pilamim.evaluate.linear_probe import run_linear_probe
 from pilamim.evaluate.metrics import save_eval_outputs
@@ -39,14 +40,13 @@ def run(params: Params, logger: Logger | None = None) -> dict[str, Any]:
     lineage = eval_lineage("probe", p, prepared.digest, p.encoder_dir)  # what gets loaded
     encoder = load_encoder(p.encoder_dir)
     size = spec["img_size"]
-    plain = eval_transform(size, prepared.mean, prepared.std)
-    train_tf = (pretrain_transform(size, prepared.mean, prepared.std, auto_crop_scale(size))
-                if p.augment else plain)
-    train = ManifestDataset(prepared, "train", train_tf)
-    evals = {s: ManifestDataset(prepared, s, plain) for s in ("val", "test") if prepared.split(s)}
+    train = (ManifestDataset(prepared, "train", pretrain_transform(
+        size, prepared.mean, prepared.std, auto_crop_scale(size)))
+        if p.augment else eval_dataset(prepared, "train", size))
+    evals = {s: eval_dataset(prepared, s, size) for s in ("val", "test") if prepared.split(s)}
     out = Path(p.out_dir)
     # kNN needs un-augmented training features as its memory bank.
-    knn_bank = ManifestDataset(prepared, "train", plain) if p.augment else None
+    knn_bank = eval_dataset(prepared, "train", size) if p.augment else None
     curve = CSVLogger(p.plots_path, CURVE_COLUMNS, step_name="epoch", prefix="probe/")
     with OutputBatch() as batch:  # head, report and metrics appear together or not at all
         metrics = run_linear_probe(encoder, train, evals, prepared.classes, p,

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from pilamim.config import Params
-from pilamim.data.dataset import ManifestDataset
+from pilamim.data.memory_split import eval_dataset
 from pilamim.data.prepared import PreparedDataset
-from pilamim.data.transforms import eval_transform
+from pilamim.device import autocast_dtype
 from pilamim.evaluate.features import extract_features
 from pilamim.evaluate.knn import knn_metrics
 from pilamim.loggers import Logger
@@ -82,7 +82,7 @@ class Monitors:
     device: torch.device
     is_main: bool
     figure_images: torch.Tensor | None  # one val image per class for the reconstruction figure
-    knn_sets: tuple[Subset, ManifestDataset] | None  # (memory bank, queries)
+    knn_sets: tuple[Subset, Dataset] | None  # (memory bank, queries)
 
 
 def build_monitors(model: PiLaMIM, prepared: PreparedDataset, params: Params,
@@ -107,7 +107,8 @@ def run_monitors(monitors: Monitors, model: PiLaMIM, epoch: int, step: int, mete
         return
     if p.knn_every_epochs and (epoch + 1) % p.knn_every_epochs == 0:
         epoch_metrics.update(knn_monitor(model, *monitors.knn_sets,
-                                         monitors.prepared.num_classes, monitors.device))
+                                         monitors.prepared.num_classes, monitors.device,
+                                         autocast_dtype(monitors.device, p.precision)))
     logger.log_metrics(epoch_metrics, step)
     if monitors.figure_images is not None and (epoch + 1) % p.figure_every_epochs == 0:
         logger.log_artifact(save_figure(model, monitors.figure_images, monitors.params,
@@ -127,8 +128,7 @@ def figure_batch(prepared: PreparedDataset, params: Params,
                  device: torch.device) -> torch.Tensor:
     """One val image per class (train if there is no val split), as the model sees them."""
     split = "val" if prepared.split("val") else "train"
-    ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
-                                                         prepared.std))
+    ds = eval_dataset(prepared, split, params.model.img_size)
     return torch.stack([ds[i][0] for i in one_per_class(ds.labels)]).to(device)
 
 
@@ -150,23 +150,23 @@ def save_figure(model: PiLaMIM, images: torch.Tensor, params: Params, prepared: 
 
 
 def knn_monitor_sets(prepared: PreparedDataset, params: Params,
-                     max_bank: int = 3000) -> tuple[Subset, ManifestDataset]:
+                     max_bank: int = 3000) -> tuple[Subset, Dataset]:
     """(memory bank, queries) for the kNN monitor, built once so each image is decoded once:
     at most ``max_bank`` training images, every n-th one (the manifest is in class order, so
     the first ``max_bank`` would leave classes out), and the val split (else test)."""
-    tf = eval_transform(params.model.img_size, prepared.mean, prepared.std)
-    train = ManifestDataset(prepared, "train", tf)
+    train = eval_dataset(prepared, "train", params.model.img_size)
     bank = Subset(train, range(0, len(train), max(1, -(-len(train) // max_bank))))
-    return bank, ManifestDataset(prepared, "val" if prepared.split("val") else "test", tf)
+    return bank, eval_dataset(prepared, "val" if prepared.split("val") else "test",
+                              params.model.img_size)
 
 
-def knn_monitor(model: PiLaMIM, bank: Subset, query: ManifestDataset, num_classes: int,
-                device: torch.device) -> dict[str, float]:
+def knn_monitor(model: PiLaMIM, bank: Subset, query: Dataset, num_classes: int,
+                device: torch.device, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Cheap representation check while training: cosine kNN (k=20, T=0.07) of ``query`` on
-    ``bank``. Pixel-only models score low here early on; a monitor, never a gate
-    (docs/METHOD.md)."""
-    feats, labels = extract_features(model.encoder, bank, 256, device)
-    qfeats, qlabels = extract_features(model.encoder, query, 256, device)
+    ``bank``, at the training's precision. Pixel-only models score low here early on; a
+    monitor, never a gate (docs/METHOD.md)."""
+    feats, labels = extract_features(model.encoder, bank, 256, device, dtype=dtype)
+    qfeats, qlabels = extract_features(model.encoder, query, 256, device, dtype=dtype)
     result = knn_metrics(feats, labels, qfeats, qlabels, num_classes)
     return {f"pretrain/{k}": v for k, v in result.items()}
 
@@ -176,8 +176,7 @@ def final_losses(model: PiLaMIM, prepared: PreparedDataset, params: Params,
                  device: torch.device, max_images: int = 512) -> dict[str, float]:
     """Losses on the val split without augmentation, a fixed mask: comparable across runs."""
     split = "val" if prepared.split("val") else "train"
-    ds = ManifestDataset(prepared, split, eval_transform(params.model.img_size, prepared.mean,
-                                                         prepared.std))
+    ds = eval_dataset(prepared, split, params.model.img_size)
     loader = DataLoader(range(min(len(ds), max_images)), batch_size=128)
     g = torch.Generator(device=device).manual_seed(params.pretrain.seed)
     totals: dict[str, float] = {}
