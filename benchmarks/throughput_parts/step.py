@@ -177,6 +177,37 @@ def _kernel_profile(step, micro: list[torch.Tensor], at: int, steps: int = 3,
                              "calls_per_step": e.count / steps} for e in ranked]}
 
 
+def reference_losses(model, step, micro: list[torch.Tensor]) -> dict[str, float]:
+    """The losses ``step`` is about to compute, from a plain eager fp32 forward of the same
+    weights, images and mask (the noise the step will draw: its generator state is saved and
+    restored), without grad (a loss does not depend on grad mode). Call it before the step."""
+    from pilamim.train.step import LOSS_TERMS
+
+    state = step.mask_gen.get_state()
+    noises = [step.noise() for _ in micro]
+    step.mask_gen.set_state(state)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            outs = [model(x, n) for x, n in zip(micro, noises, strict=True)]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    return {k: sum(float(getattr(o, k)) for o in outs) for k in LOSS_TERMS
+            if getattr(outs[0], k) is not None}
+
+
+def loss_match_fields(got: dict[str, float], ref: dict[str, float],
+                      precision: str) -> dict[str, Any]:
+    """The relative gap of the step's losses (``got``) to the fp32 reference, and whether it is
+    within :data:`LOSS_MATCH_TOL` for ``precision``."""
+    rel = {k: abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref if k in got}
+    return {"loss_ref_fp32": ref["loss"], "loss_match": rel["loss"],
+            "loss_match_terms": {k: v for k, v in rel.items() if k != "loss"},
+            "loss_match_tol": LOSS_MATCH_TOL[precision],
+            "loss_match_ok": rel["loss"] <= LOSS_MATCH_TOL[precision]}
+
+
 def run_step_setting(s: dict[str, Any]) -> dict[str, Any]:
     from pilamim.train.step import LOSS_TERMS
 
@@ -212,23 +243,7 @@ def run_step_setting(s: dict[str, Any]) -> dict[str, Any]:
     images = _images(s, s["batch"], device)
     micro = [images] * s["accum"]
 
-    # Reference: the same weights, images and mask (the noise the step is about to draw),
-    # plain eager fp32, no grad (a loss does not depend on grad mode).
-    ref = None
-    if s["loss_match"]:
-        state = step.mask_gen.get_state()
-        noises = [step.noise() for _ in micro]
-        step.mask_gen.set_state(state)
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            with torch.no_grad():
-                outs = [model(x, n) for x, n in zip(micro, noises, strict=True)]
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
-        ref = {k: sum(float(getattr(o, k)) for o in outs) for k in LOSS_TERMS
-               if getattr(outs[0], k) is not None}
-        del outs, noises
+    ref = reference_losses(model, step, micro) if s["loss_match"] else None
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -240,12 +255,7 @@ def run_step_setting(s: dict[str, Any]) -> dict[str, Any]:
     out["first_step_s"] = time.perf_counter() - t0
     out["loss"] = got["loss"]
     if ref is not None:
-        out["loss_ref_fp32"] = ref["loss"]
-        rel = {k: abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref if k in got}
-        out["loss_match"] = rel["loss"]
-        out["loss_match_terms"] = {k: v for k, v in rel.items() if k != "loss"}
-        out["loss_match_tol"] = LOSS_MATCH_TOL[precision]
-        out["loss_match_ok"] = rel["loss"] <= LOSS_MATCH_TOL[precision]
+        out.update(loss_match_fields(got, ref, precision))
 
     at = 1
     for _ in range(max(0, s["warmup"] - 1)):

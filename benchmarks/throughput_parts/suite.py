@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,18 @@ def run_setting(s: dict[str, Any]) -> dict[str, Any]:
     """One setting in this process; failures become a record with ``ok: false``."""
     mode = s.get("mode", "step")
     full = {**(STEP_DEFAULTS if mode == "step" else DATA_DEFAULTS), **s}
-    record: dict[str, Any] = {"kind": mode, "setting": full, "ok": True, "error": None}
+    return run_guarded(mode, full, run_step_setting if mode == "step" else run_data_setting)
+
+
+def run_guarded(kind: str, setting: dict[str, Any],
+                run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """``run(setting)``'s fields in a record of ``kind``; a failure becomes ``ok: false`` with
+    its error and traceback (a failed setting must not lose the others). Other benchmarks
+    (``benchmarks.cpu_step``) share it, so every result line has the same common keys."""
+    record: dict[str, Any] = {"kind": kind, "setting": setting, "ok": True, "error": None}
     t0 = time.perf_counter()
     try:
-        record.update(run_step_setting(full) if mode == "step" else run_data_setting(full))
+        record.update(run(setting))
     except Exception as err:  # a failed setting must not lose the others
         record.update(ok=False, error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc(limit=8)[-3000:])
@@ -37,10 +46,15 @@ def run_setting(s: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def run_isolated(s: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_isolated(s: dict[str, Any], timeout: float, module: str = "benchmarks.throughput",
+                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """One setting in a fresh Python process (own CUDA context, compile caches, peak memory),
-    killed with its whole process group (inductor workers too) after ``timeout`` seconds."""
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--run-setting", json.dumps(s)]
+    killed with its whole process group (inductor workers too) after ``timeout`` seconds.
+
+    The child is ``python -m <module> --run-setting <json>`` and must print its record as the
+    last JSON line; ``defaults`` fill the setting of the failure record (by default the
+    throughput benchmark's, by mode)."""
+    cmd = [sys.executable, "-m", module, "--run-setting", json.dumps(s)]
     env = {**os.environ, **{k: str(v) for k, v in (s.get("env") or {}).items()}}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True,
@@ -56,8 +70,9 @@ def run_isolated(s: dict[str, Any], timeout: float) -> dict[str, Any]:
     if lines and error is None:
         return json.loads(lines[-1])
     mode = s.get("mode", "step")
-    return {"kind": mode, "setting": {**(STEP_DEFAULTS if mode == "step" else DATA_DEFAULTS),
-                                      **s},
+    if defaults is None:
+        defaults = STEP_DEFAULTS if mode == "step" else DATA_DEFAULTS
+    return {"kind": mode, "setting": {**defaults, **s},
             "ok": False, "error": error or "no result line", "elapsed_s": time.perf_counter() - t0}
 
 
