@@ -59,6 +59,7 @@ class ManifestDataset(Dataset):
     ) -> None:
         records = prepared.split(split)
         self.split = split
+        self.digest = prepared.digest
         self.channels = prepared.channels
         self.mode = "L" if prepared.channels == 1 else "RGB"
         self.shards = ShardReader(prepared, split)

@@ -16,6 +16,7 @@ None otherwise, and the caller keeps the PIL path.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,9 @@ from pilamim.data.transforms import EVAL_RESIZE_MIN, eval_transform
 # The largest split kept decoded (uint8 bytes): ImageNet-1k at 224 px is ~180 GB and stays on
 # the PIL path; the embedded set is 9.4 MB.
 MEMORY_SPLIT_MAX_BYTES = 2 << 30
+# Decoded splits by (data digest, split, channels, size), held only while a MemorySplit uses
+# them: pretraining's loader, kNN monitor, figure and val losses share one decode per split.
+_DECODED: weakref.WeakValueDictionary[tuple, Tensor] = weakref.WeakValueDictionary()
 
 
 class MemorySplit(Dataset):
@@ -96,12 +100,16 @@ def memory_split(source: ManifestDataset, img_size: int, mean: Sequence[float],
     n = len(source)
     if n == 0 or n * source.channels * img_size * img_size > max_bytes:
         return None
-    images = torch.empty(n, source.channels, img_size, img_size, dtype=torch.uint8)
-    for i in range(n):
-        array = np.array(source.load_image(i))  # a writable copy for torch.from_numpy
-        if array.shape[:2] != (img_size, img_size):
-            return None
-        images[i] = torch.from_numpy(array.reshape(img_size, img_size, -1)).permute(2, 0, 1)
+    key = (source.digest, source.split, source.channels, img_size)
+    images = _DECODED.get(key)
+    if images is None:
+        images = torch.empty(n, source.channels, img_size, img_size, dtype=torch.uint8)
+        for i in range(n):
+            array = np.array(source.load_image(i))  # a writable copy for torch.from_numpy
+            if array.shape[:2] != (img_size, img_size):
+                return None
+            images[i] = torch.from_numpy(array.reshape(img_size, img_size, -1)).permute(2, 0, 1)
+        _DECODED[key] = images
     return MemorySplit(images, source.labels, mean, std, hflip)
 
 
