@@ -159,7 +159,7 @@ class PretrainParams(_Strict):
     plots_path: str = Field("plots/pretrain.csv", description="loss curve CSV (DVC plots)")
     knn_plots_path: str = Field("plots/pretrain_knn.csv",
                                 description="kNN-monitor curve CSV (DVC plots)")
-    epochs: int = Field(24, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(256, ge=1, description="per device, per micro-step")
     accum_steps: int = Field(1, ge=1)
     base_lr: float | Literal["auto"] = Field(
@@ -197,8 +197,8 @@ class PretrainParams(_Strict):
     hflip: bool = False
     checkpoint_every_steps: int = Field(50, ge=1)
     log_every_steps: int = Field(10, ge=1)
-    figure_every_epochs: int = Field(4, ge=0, description="0 disables reconstruction figures")
-    knn_every_epochs: int = Field(3, ge=0, description="kNN monitor on val; 0 disables")
+    figure_every_epochs: int = Field(5, ge=0, description="0 disables reconstruction figures")
+    knn_every_epochs: int = Field(5, ge=0, description="kNN monitor on val; 0 disables")
 
     @model_validator(mode="after")
     def _ranges(self) -> PretrainParams:
@@ -255,9 +255,9 @@ class FinetuneParams(_Strict):
     out_dir: str = "models/finetune"
     metrics_path: str = "metrics/finetune.json"
     plots_path: str = Field("plots/finetune.csv", description="per-epoch curve CSV (DVC plots)")
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(18, ge=1)
     warmup_epochs: int = Field(1, ge=0)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(128, ge=1)
     accum_steps: int = Field(1, ge=1)
     base_lr: float = Field(8e-3, gt=0.0, description="lr = base_lr * global_batch / 256")
     min_lr: float = Field(1e-6, ge=0.0)
