@@ -15,13 +15,17 @@ command and the machine. For the params of ``--params`` (the embedded default) a
   Fine-tuning has no compile setting: ``compiled`` wraps ``run.model`` in ``torch.compile``
   here, as ``TrainStep`` compiles its forward.
 
-Settings are precision (fp32, bf16 = CPU autocast) x eager/compiled; each step setting runs in
-its own process (no compile state leaks). ``vs_matmul`` is a step's achieved GFLOP/s (model
+Settings are precision (fp32, bf16 = CPU autocast) x eager/compiled, each with glibc's
+allocator kept from returning freed memory (``keep``, what every ``pilamim`` stage does:
+:mod:`pilamim.allocator`) or as glibc sets it (``default``; ``--allocator keep,default`` times
+both side by side). Each step setting runs in its own process (no compile or allocator state
+leaks). ``vs_matmul`` is a step's achieved GFLOP/s (model
 FLOPs, no attention recompute) over the matmul's of the same precision: how far the step is
 from what this CPU does with the same shapes. Usage (benchmarks/README.md explains the fields)::
 
     python -m benchmarks.cpu_step --out benchmarks/results/cpu-step.jsonl
     python -m benchmarks.cpu_step --settings fp32-eager,bf16-eager --parts matmul,finetune
+    python -m benchmarks.cpu_step --settings bf16-eager --allocator keep,default
 """
 
 from __future__ import annotations
@@ -46,15 +50,19 @@ from benchmarks.throughput_parts.suite import (  # noqa: E402
     run_guarded,
     run_isolated,
 )
+from pilamim.allocator import keep_freed_memory  # noqa: E402
 
 SETTINGS = ("fp32-eager", "fp32-compiled", "bf16-eager", "bf16-compiled")
 PARTS = ("matmul", "pretrain", "finetune")
+ALLOCATORS = ("keep", "default")
 
 
 def run_one(s: dict[str, Any]) -> dict[str, Any]:
     """One setting in this process, on the setting's threads (``None``: torch's default)."""
     if s["threads"]:
         torch.set_num_threads(s["threads"])
+    if s.get("allocator", "keep") == "keep":
+        keep_freed_memory()
     record = run_guarded(s["mode"], s, RUNNERS[s["mode"]])
     record["threads"] = torch.get_num_threads()
     if s.get("compile"):  # --no-isolate: the next setting must compile afresh
@@ -78,10 +86,11 @@ def settings_of(args: argparse.Namespace, base: dict[str, Any]) -> list[dict[str
     precisions = dict.fromkeys(s.split("-")[0] for s in args.settings)
     grid = [dict(base, mode="matmul", step=step, precision=prec, label=f"matmul-{step}-{prec}")
             for step in steps for prec in precisions] if "matmul" in args.parts else []
-    return grid + [dict(base, mode=part, precision=setting.split("-")[0], label=f"{part}-{setting}",
+    return grid + [dict(base, mode=part, precision=setting.split("-")[0], allocator=alloc,
+                        label=f"{part}-{setting}" + ("" if alloc == "keep" else f"-{alloc}"),
                         compile=setting.endswith("compiled"))
                    for part in ("pretrain", "finetune") if part in args.parts
-                   for setting in args.settings]
+                   for setting in args.settings for alloc in args.allocator]
 
 
 def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -105,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(SETTINGS)} (bf16: CPU autocast)")
     p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS),
                    help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--allocator", type=_choices(ALLOCATORS), default=["keep"],
+                   help="comma list of keep (pilamim.allocator, as the stages run) and default "
+                   "(glibc's own thresholds)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's)")
     p.add_argument("--channels", type=int, default=1, help="image channels (Fashion-MNIST: 1)")
     p.add_argument("--classes", type=int, default=10, help="fine-tune classes")

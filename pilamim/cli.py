@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from pilamim.allocator import keep_freed_memory
 from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError, hold_checkout
 from pilamim.config import GROUPS, ParamsError
 from pilamim.io import atomic_write_text
@@ -205,6 +206,7 @@ def report(outcome: dict[str, Any]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every stage: CPU steps stop paying page faults (pilamim.allocator)
     try:
         result = _dispatch(args)
     except Exception as err:  # noqa: BLE001 - every failure ends in one exit code and message
