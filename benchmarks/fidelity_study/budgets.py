@@ -52,9 +52,10 @@ BUDGET_NOTES: dict[str, str] = {
     "micro": "Test-sized: checks the whole study end to end in about a minute. Its numbers "
              "mean nothing (13 pretraining steps of a 32-wide ViT, 60 test images).",
     "cpu": "Exactly the embedded default (`params/`, what `pilamim run` trains): a 4-block, "
-           "128-wide ViT with 1-block 64-wide decoders, 24 epochs at batch 256 (768 steps) on "
-           "the 8,400 training images, base lr `auto` (1.5e-3), no crop or flip; fine-tune 20 "
-           "epochs. How that recipe was found, with every measurement: docs/METHOD.md, "
+           "128-wide ViT with 1-block 64-wide decoders, 30 epochs at batch 256 (960 steps) on "
+           "the 8,400 training images, base lr `auto` (1.5e-3), no crop or flip, bf16 where the "
+           "CPU has it; fine-tune 18 epochs at batch 128. How that recipe was found, with "
+           "every measurement: docs/METHOD.md, "
            "'How the embedded recipe was measured'. Two single-threaded "
            "worker processes, one per core (small models gain little from a second thread "
            "and lose badly when the cores are shared).",
