@@ -225,7 +225,10 @@ def test_ddp_matches_one_process_and_resumes_after_sigkill(tmp_path, tiny_prepar
     process group after the first checkpoint and started again, the run ends on the same
     weights as an uninterrupted one; only rank 0 wrote checkpoints."""
     one, full_dir, cut_dir = tmp_path / "one", tmp_path / "full", tmp_path / "cut"
-    common = dict(epochs=2, accum_steps=2, checkpoint_every_steps=3, figure_every_epochs=0)
+    # fp32: split over 2 ranks, a bf16 step rounds differently from one process (~3e-5 apart
+    # after 2 epochs, on a CPU where `precision: auto` is bf16); equivalence is an fp32 claim.
+    common = dict(epochs=2, accum_steps=2, checkpoint_every_steps=3, figure_every_epochs=0,
+                  precision="fp32")
     cmd, env = _cli(one, micro_run_params(one, tiny_prepared, batch_size=8, **common))
     _run_ok(cmd, env)
     common["batch_size"] = 4
@@ -266,7 +269,8 @@ def test_a_ddp_checkpoint_continues_on_one_process_at_the_same_global_batch(tmp_
     global batch) it stops with the fix and changes nothing; with the batch doubled it resumes
     and ends on the weights of an uninterrupted 1-process run."""
     one, cut_dir = tmp_path / "one", tmp_path / "cut"
-    common = dict(epochs=2, checkpoint_every_steps=3, figure_every_epochs=0)
+    common = dict(epochs=2, checkpoint_every_steps=3, figure_every_epochs=0,
+                  precision="fp32")  # as in the test above: equivalence is an fp32 claim
     _run_ok(*_cli(one, micro_run_params(one, tiny_prepared, batch_size=8, **common)))
 
     cmd, env = _cli(cut_dir, micro_run_params(cut_dir, tiny_prepared, batch_size=4, **common),
