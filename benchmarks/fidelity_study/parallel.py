@@ -20,7 +20,8 @@ import torch
 
 from . import runs
 
-_worker_study: runs.Study | None = None
+# data folder, img_size -> (prepared data, eval images) in this worker
+_worker_data: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 
 @dataclass
@@ -34,19 +35,27 @@ class Outcome:
 def execute(study: runs.Study, todo: Sequence[tuple[int, str]], jobs: int,
             threads: int | None) -> Iterator[Outcome]:
     """Yield each run's outcome as it finishes; a failed run does not stop the others."""
-    done = [(s, e) for s, e in todo if runs.result_path(study.out, e, s).exists()]
-    for seed, entry in done:  # reused results need no worker
+    yield from execute_many([(study, seed, entry) for seed, entry in todo], jobs, threads)
+
+
+def execute_many(tasks: Sequence[tuple[runs.Study, int, str]], jobs: int,
+                 threads: int | None) -> Iterator[Outcome]:
+    """:func:`execute` over runs of several studies (the budget curve's multipliers) in one
+    pool, so a worker that finishes early takes the next study's run instead of idling."""
+    done = [t for t in tasks if runs.result_path(t[0].out, t[2], t[1]).exists()]
+    for study, seed, entry in done:  # reused results need no worker
         yield _attempt(study, entry, seed)
-    todo = [t for t in todo if t not in done]
-    if jobs <= 1 or len(todo) <= 1:
-        for seed, entry in todo:
+    tasks = [t for t in tasks if t not in done]
+    if jobs <= 1 or len(tasks) <= 1:
+        for study, seed, entry in tasks:
             yield _attempt(study, entry, seed)
         return
-    spec = replace(study, data=None, prepared=None)  # workers reload these themselves
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init,
-                             initargs=(spec, threads)) as pool:
-        futures = [pool.submit(_work, entry, seed) for seed, entry in todo]
+                             initargs=(threads,)) as pool:
+        # workers reload the prepared data and eval images themselves (once per data folder)
+        futures = [pool.submit(_work, replace(study, data=None, prepared=None), entry, seed)
+                   for study, seed, entry in tasks]
         for future in as_completed(futures):
             yield future.result()
 
@@ -58,19 +67,24 @@ def _attempt(study: runs.Study, entry: str, seed: int) -> Outcome:
         return Outcome(entry, seed, None, traceback.format_exc())
 
 
-def _init(spec: runs.Study, threads: int | None) -> None:
+def _init(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _work(spec: runs.Study, entry: str, seed: int) -> Outcome:
+    return _attempt(_loaded(spec), entry, seed)
+
+
+def _loaded(spec: runs.Study) -> runs.Study:
+    """``spec`` with its prepared data and eval images, loaded once per worker and folder."""
     from pilamim.data.prepared import load_prepared
 
     from .lowlevel import load_eval_images
 
-    global _worker_study
-    if threads:
-        torch.set_num_threads(threads)
-    prepared = load_prepared(Path(spec.params.data.out_dir))
-    data = load_eval_images(prepared, spec.params.model.img_size)
-    _worker_study = replace(spec, prepared=prepared, data=data)
-
-
-def _work(entry: str, seed: int) -> Outcome:
-    assert _worker_study is not None, "worker not initialised"
-    return _attempt(_worker_study, entry, seed)
+    key = (spec.params.data.out_dir, spec.params.model.img_size)
+    if key not in _worker_data:
+        prepared = load_prepared(Path(key[0]))
+        _worker_data[key] = (prepared, load_eval_images(prepared, key[1]))
+    prepared, data = _worker_data[key]
+    return replace(spec, prepared=prepared, data=data)

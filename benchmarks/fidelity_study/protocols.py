@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from pilamim.config import Params
-from pilamim.data.dataset import ManifestDataset
 from pilamim.data.prepared import PreparedDataset
 from pilamim.device import autocast_dtype
 from pilamim.evaluate.features import extract_features
-from pilamim.evaluate.finetune import finetune_transform, run_finetune
+from pilamim.evaluate.finetune import run_finetune
 from pilamim.evaluate.linear_probe import run_linear_probe
 from pilamim.loggers import Logger, NullLogger
 from pilamim.model.export import load_encoder, read_spec
+from pilamim.stages.finetune import finetune_dataset
 
 from .lowlevel import LOWLEVEL_CLASSES, EvalImages
 
@@ -73,13 +73,13 @@ def probe(features: Mapping[str, Tensor], labels: Mapping[str, Tensor], classes:
 
 def finetune_encoder(encoder_dir: str | Path, prepared: PreparedDataset, params: Params,
                      device: torch.device, logger: Logger) -> dict[str, Any]:
-    """MAE-protocol fine-tuning through the library (same transforms as ``pilamim finetune``)."""
+    """MAE-protocol fine-tuning through the library (the datasets ``pilamim finetune`` reads:
+    in memory where that gives the same images)."""
     p = params.finetune
     size = read_spec(encoder_dir)["img_size"]
 
-    def dataset(split: str, train: bool) -> ManifestDataset:
-        return ManifestDataset(prepared, split, finetune_transform(
-            size, prepared.mean, prepared.std, p, train=train))
+    def dataset(split: str, train: bool) -> Dataset:
+        return finetune_dataset(prepared, split, size, p, train)
 
     train, evals = dataset("train", True), {s: dataset(s, False) for s in ("val", "test")
                                             if prepared.split(s)}

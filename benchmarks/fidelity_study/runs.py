@@ -58,6 +58,7 @@ class Study:
     device: torch.device
     command: str
     track: bool = True
+    finetuned: tuple[str, ...] = FINETUNED  # entries that also get the fine-tune protocol
 
     @property
     def fingerprint(self) -> str:
@@ -125,20 +126,20 @@ def run(study: Study, entry: str, seed: int) -> dict[str, Any]:
             _export_random_encoder(params, study.prepared, seed)
         else:
             encoder_dir = None
-        pretrain_s = time.perf_counter() - t0
+        pretrain_s, pretrain_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         if encoder_dir is None:
             features = study.data.pixel_features()
         else:
             features = protocols.encoder_features(encoder_dir, study.data, params, study.device)
         details, seconds = protocols.evaluate(
             features, study.data, study.prepared, params, study.device, encoder_dir,
-            logger, finetune=entry in FINETUNED)
+            logger, finetune=entry in study.finetuned)
         result = {
             "entry": entry, "seed": seed, "budget": study.budget,
             "fingerprint": study.fingerprint, "command": study.command,
             "metrics": protocols.headline(details), "details": details,
             "pretrain": _slim(pretrain_summary),
-            "timing": {"pretrain_s": pretrain_s, **seconds,
+            "timing": {"pretrain_s": pretrain_s, "pretrain_cpu_s": pretrain_cpu_s, **seconds,
                        "total_s": time.perf_counter() - t0,
                        "cpu_s": time.process_time() - c0},
             "device": str(study.device), "torch_threads": torch.get_num_threads(),

@@ -1,0 +1,193 @@
+"""Budget curve: the fidelity study at x1, x2, x4, x8 the embedded default's pretraining steps.
+
+Does PiLaMIM overtake MAE with a longer schedule, and where does the linear probe cross raw
+pixels? Each multiplier k is a fidelity study of its own (``pretrain.epochs`` x k, the rest
+the embedded default, so the lr, warm-up and EMA schedules stretch with it), in its own
+folder: x1 is ``<out>/`` (the fidelity study, ``fidelity.md``), k > 1 is
+``<out>/budget_x<k>/``. All runs share one pool of workers, in the order that answers the
+question first: every budget of seed 0, then seed 1, and so on. The floors (random init, raw
+pixels) do not depend on the budget and run at x1 only. A finished run is reused (its
+results JSON), a killed pretraining resumes from its checkpoint, so rerunning the same
+command continues a study; ``--report-only`` rewrites the reports from what is on disk.
+
+    python -m benchmarks.budget_curve --multipliers 1 2 4 8 --entries pilamim mae --seeds 0 1 2
+
+Writes ``<out>/budget_curve.md``, ``.json`` and ``.png`` (and each study's fidelity.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks import fidelity
+from benchmarks.fidelity_study import curve, parallel, runs
+from benchmarks.fidelity_study.budgets import RUNTIME, budget_params, with_paths
+from benchmarks.fidelity_study.lowlevel import load_eval_images
+from pilamim.config import ParamsError
+from pilamim.data.prepare import prepare
+from pilamim.device import resolve_device
+from pilamim.io import atomic_write_json, atomic_write_text
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.budget_curve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="pretraining steps as multiples of the embedded default's")
+    ap.add_argument("--entries", nargs="+", choices=runs.PRESETS, default=["pilamim", "mae"],
+                    help="presets to pretrain at every multiplier")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--no-floors", action="store_true",
+                    help="skip the random-init and raw-pixel floors (run at x1)")
+    ap.add_argument("--finetune-all", action="store_true",
+                    help="fine-tune at every multiplier (default: at x1 only, as the fidelity "
+                    "study does; fine-tuning costs as much as a x1 pretraining)")
+    ap.add_argument("--out", default="reports")
+    ap.add_argument("--work-dir", default="models/fidelity",
+                    help="models and prepared data: <work-dir>/cpu for x1, cpu-x<k> for k > 1")
+    ap.add_argument("--params", help="base params directory (default: the repo's params/)")
+    ap.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE",
+                    help="override a param at every multiplier")
+    ap.add_argument("--budget", choices=("cpu", "micro"), default="cpu",
+                    help="the x1 study (micro: test-sized)")
+    ap.add_argument("--jobs", type=int, help="worker processes (default: the budget's)")
+    ap.add_argument("--threads", type=int, help="torch threads per process (default: the "
+                    "budget's)")
+    ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing; rewrite the reports from the results on disk")
+    args = ap.parse_args(argv)
+    if 1 not in args.multipliers:
+        ap.error("--multipliers must include 1 (the floors and the reference budget)")
+    jobs, threads = RUNTIME[args.budget]
+    args.jobs = args.jobs if args.jobs is not None else jobs
+    args.threads = args.threads if args.threads is not None else threads
+    return args
+
+
+def studies(args: argparse.Namespace, command: str) -> dict[int, runs.Study]:
+    """One prepared study per multiplier (its own params, fingerprint and folders)."""
+    base = budget_params(args.budget, args.params, args.set)
+    out: dict[int, runs.Study] = {}
+    for k in sorted(set(args.multipliers)):
+        params = base if k == 1 else budget_params(
+            args.budget, args.params, [*args.set, f"pretrain.epochs={base.pretrain.epochs * k}"])
+        work = Path(args.work_dir, args.budget if k == 1 else f"{args.budget}-x{k}").absolute()
+        shared = with_paths(params, work, "shared", params.model.preset, 0)
+        prepared = prepare(shared.data)
+        out[k] = runs.Study(
+            params=shared, budget=args.budget, work=work, out=curve.study_dir(Path(args.out), k),
+            prepared=prepared, data=load_eval_images(prepared, params.model.img_size),
+            device=resolve_device(params.pretrain.device), command=command,
+            track=not args.no_track,
+            finetuned=runs.FINETUNED if k == 1 or args.finetune_all else ())
+    return out
+
+
+def plan(args: argparse.Namespace, by_k: dict[int, runs.Study]
+         ) -> list[tuple[runs.Study, int, str]]:
+    """Seed-major: every budget of seed 0 first, so a stopped study already has a curve."""
+    tasks = []
+    for seed in args.seeds:
+        for k in sorted(by_k):
+            entries = list(args.entries)
+            if k == curve.FLOORS_AT and not args.no_floors:
+                entries += list(runs.FLOORS)
+            tasks += [(by_k[k], seed, e) for e in entries]
+    return tasks
+
+
+def write_reports(args: argparse.Namespace, by_k: dict[int, runs.Study], command: str,
+                  started: float, fresh: dict[int, set[tuple[str, int]]]) -> list[Path]:
+    """Each study's fidelity.md (its runs so far) and the curve across them."""
+    results = {k: runs.load_results(s.out, s.fingerprint)[0] for k, s in by_k.items()}
+    paths = []
+    for k, study in by_k.items():
+        if results[k]:
+            meta = fidelity._meta(study, argparse.Namespace(
+                seeds=args.seeds, set=[*args.set] + ([] if k == 1 else [
+                    f"pretrain.epochs={study.params.pretrain.epochs}"]), jobs=args.jobs),
+                started)
+            paths += fidelity.write_report(study, meta, started, fresh[k])
+    pts = curve.points(results, args.entries)
+    floor = curve.floors(results.get(curve.FLOORS_AT, []))
+    meta = {"command": command, "written_at": time.strftime("%Y-%m-%d %H:%M"),
+            "threads": args.threads, "seeds": args.seeds,
+            "studies": {k: {"folder": str(s.out), "fingerprint": s.fingerprint,
+                            "runs": len(results[k]), "epochs": s.params.pretrain.epochs}
+                        for k, s in by_k.items()}}
+    out = Path(args.out)
+    return [atomic_write_text(out / "budget_curve.md", curve.markdown(pts, floor, meta)),
+            atomic_write_json(out / "budget_curve.json", curve.to_json(pts, floor, meta)),
+            curve.chart(pts, floor, out / "budget_curve.png"), *paths]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    command = "python -m benchmarks.budget_curve " + shlex.join(argv)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        by_k = studies(args, command)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tasks = [] if args.report_only else plan(args, by_k)
+    clash = [p for k, s in by_k.items()
+             for p in runs.mismatched(s.out, [(sd, e) for st, sd, e in tasks if st is s],
+                                      s.fingerprint)]
+    if clash:
+        print(f"error: {len(clash)} results JSON were made with other study params (e.g. "
+              f"{clash[0]}): use another --out folder, or delete them to redo those runs",
+              file=sys.stderr)
+        return 2
+    failed = []
+    k_of = {s.fingerprint: k for k, s in by_k.items()}
+    fresh: dict[int, set[tuple[str, int]]] = {k: set() for k in by_k}
+    with _parent_run(by_k[1], args, command):
+        for i, done in enumerate(parallel.execute_many(tasks, args.jobs, args.threads), 1):
+            if done.result is None:
+                failed.append(done)
+                print(f"[{i}/{len(tasks)}] {done.entry} seed {done.seed} FAILED:\n{done.error}",
+                      file=sys.stderr, flush=True)
+                continue
+            k = k_of[done.result["fingerprint"]]
+            if not done.result["cached"]:
+                fresh[k].add((done.entry, done.seed))
+            print(f"x{k} " + fidelity._progress(i, len(tasks), done.result), flush=True)
+            write_reports(args, by_k, command, started, fresh)
+    paths = write_reports(args, by_k, command, started, fresh)
+    print(f"report: {paths[0]}")
+    if failed:
+        print(f"{len(failed)} run(s) failed; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+@contextlib.contextmanager
+def _parent_run(study: runs.Study, args: argparse.Namespace, command: str) -> Iterator[None]:
+    """One MLflow parent run for the curve; every run of every budget is its child."""
+    if not study.track:
+        yield
+        return
+    from pilamim.tracking.runs import pipeline_run
+
+    tags = {"fidelity.curve": " ".join(f"x{k}" for k in sorted(set(args.multipliers))),
+            "fidelity.seeds": " ".join(map(str, args.seeds)), "fidelity.command": command}
+    with pipeline_run(study.params, run_name="budget-curve", extra_tags=tags):
+        yield
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The budget curve: several fidelity studies in one pool, the curve report, its reading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fidelity_study import curve
+from benchmarks.fidelity_study.stats import summarize
+
+
+@pytest.mark.slow
+def test_curve_runs_every_budget_in_one_pool_and_a_rerun_reuses_them(tmp_path, capsys):
+    from benchmarks.budget_curve import main
+
+    out, work = tmp_path / "reports", tmp_path / "work"
+    args = ["--budget", "micro", "--multipliers", "1", "2", "--entries", "pilamim",
+            "--seeds", "0", "--out", str(out), "--work-dir", str(work), "--jobs", "2",
+            "--threads", "1", "--no-track"]
+    assert main(args) == 0
+
+    x1 = json.loads((out / "fidelity_runs" / "pilamim-seed0.json").read_text())
+    x2 = json.loads((out / "budget_x2" / "fidelity_runs" / "pilamim-seed0.json").read_text())
+    assert x2["pretrain"]["steps"] == 2 * x1["pretrain"]["steps"]
+    assert x2["fingerprint"] != x1["fingerprint"]
+    # fine-tuning only at x1; the floors only at x1, where every study reads them
+    assert x1["metrics"]["finetune_top1"] is not None and x2["metrics"]["finetune_top1"] is None
+    assert {p.name for p in (out / "fidelity_runs").iterdir()} == {
+        "pilamim-seed0.json", "random_init-seed0.json", "raw_pixels-seed0.json"}
+    assert [p.name for p in (out / "budget_x2" / "fidelity_runs").iterdir()] == [
+        "pilamim-seed0.json"]
+    assert x2["timing"]["pretrain_cpu_s"] > 0
+
+    md = (out / "budget_curve.md").read_text()
+    assert "python -m benchmarks.budget_curve " + " ".join(args) in md
+    steps = {row["multiplier"]: row["steps"]
+             for row in json.loads((out / "budget_curve.json").read_text())["points"]}
+    assert steps == {1: x1["pretrain"]["steps"], 2: x2["pretrain"]["steps"]}
+    assert f"| x2 | {x2['pretrain']['steps']} | PiLaMIM |" in md
+    assert "| any | 0 | raw-pixel floor |" in md
+    assert (out / "budget_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "budget_x2" / "fidelity.md").exists() and (out / "fidelity.md").exists()
+
+    # a rerun computes nothing: every run is read back from its results JSON
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == 4 and " s)" not in printed
+    again = json.loads((out / "budget_x2" / "fidelity_runs" / "pilamim-seed0.json").read_text())
+    assert again == x2
+
+
+def _result(entry: str, k: int, seed: int, probe: float, knn: float = 0.5) -> dict:
+    return {"entry": entry, "seed": seed, "pretrain": {"steps": 960 * k},
+            "timing": {"pretrain_cpu_s": 60.0 * k},
+            "metrics": {"probe_top1": probe, "knn_top1": knn, "lowlevel_top1": 0.3,
+                        "lowlevel_knn_top1": 0.3}}
+
+
+def test_reading_says_where_a_preset_overtakes_and_where_the_probe_crosses_raw_pixels():
+    results = {
+        1: [_result("pilamim", 1, s, p) for s, p in enumerate((0.79, 0.80, 0.81))]
+        + [_result("mae", 1, s, p) for s, p in enumerate((0.81, 0.82, 0.83))]
+        + [_result("raw_pixels", 1, s, p) for s, p in enumerate((0.849, 0.850, 0.851))],
+        2: [_result("pilamim", 2, s, p) for s, p in enumerate((0.86, 0.87, 0.88))]
+        + [_result("mae", 2, s, p) for s, p in enumerate((0.83, 0.84, 0.85))],
+    }
+    pts = curve.points(results, ["pilamim", "mae"])
+    floor = curve.floors(results[1])
+    assert [(p.entry, p.multiplier, p.steps) for p in pts] == [
+        ("pilamim", 1, 960), ("mae", 1, 960), ("pilamim", 2, 1920), ("mae", 2, 1920)]
+    assert pts[2].cpu_minutes == summarize([2.0, 2.0, 2.0])
+    text = "\n".join(curve.reading(pts, floor))
+    assert "x1 (960 steps): PiLaMIM vs MAE (pixel) on linear probe top-1: -2.00" in text
+    assert "x2 (1920 steps): PiLaMIM vs MAE (pixel) on linear probe top-1: +3.00" in text
+    assert text.count("**loses**") == 1 and text.count("**wins**") == 1
+    assert "PiLaMIM's probe beats raw pixels beyond the seed spread from x2 (1920 steps)" in text
+    assert "MAE (pixel)'s probe stays below raw pixels at every budget run (closest: x2, " \
+           "1.00 points below)" in text
+
+
+def test_x1_is_the_fidelity_study_folder_and_longer_budgets_sit_beside_it():
+    root = Path("reports")
+    assert curve.study_dir(root, 1) == root
+    assert curve.study_dir(root, 8) == root / "budget_x8"
