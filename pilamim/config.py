@@ -89,6 +89,21 @@ class DataParams(_Strict):
         return self
 
 
+# Options added after runs were recorded, each with the value that reproduces the code from
+# before it. A run's identity (the checkpoint recipe, a study's fingerprint) leaves such an
+# option out while it has that value, so upgrading does not orphan checkpoints or results.
+ADDED_NEUTRAL: dict[str, dict[str, object]] = {
+    "model": {"latent_weight": 1.0, "latent_target_norm": "none"},
+}
+
+
+def identity_values(group: str, values: dict[str, object]) -> dict[str, object]:
+    """``values`` (a group's ``model_dump``) without the options at their :data:`ADDED_NEUTRAL`
+    value: what decides whether two runs are the same run."""
+    neutral = ADDED_NEUTRAL.get(group, {})
+    return {k: v for k, v in values.items() if not (k in neutral and v == neutral[k])}
+
+
 class ModelParams(_Strict):
     """``params/model.yaml`` — the PiLaMIM model; ``preset`` picks which branches exist."""
 
@@ -115,6 +130,12 @@ class ModelParams(_Strict):
         "raster", description="'shuffled' reproduces the official code's bug (target tokens "
         "left permuted); for ablations only"
     )
+    latent_weight: float = Field(
+        1.0, gt=0.0, description="multiplies the preset's latent and [CLS] loss weights "
+        "(lambda_lat, lambda_cls; the paper: 1); no effect on presets without a latent branch")
+    latent_target_norm: Literal["none", "layer_norm"] = Field(
+        "none", description="'none': the target encoder's final-norm output (official code); "
+        "'layer_norm': that output normalised again without affine, per token (I-JEPA's target)")
 
     @model_validator(mode="after")
     def _shapes_divide(self) -> ModelParams:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pilamim.config import Params
+from pilamim.config import Params, identity_values
 from pilamim.data.prepared import PreparedDataset
 from pilamim.io import atomic_write_json
 from pilamim.model import build_encoder, encoder_spec
@@ -66,9 +66,10 @@ class Study:
 
 
 def fingerprint(params: Params) -> str:
-    """sha256 of the study params without folders/seeds: what makes results comparable."""
-    values = {g: {k: v for k, v in getattr(params, g).model_dump(mode="json").items()
-                  if not k.endswith(("_dir", "_path")) and k not in ("seed", "preset")}
+    """sha256 of the study params without folders/seeds: what makes results comparable (an
+    option added later, at its neutral value, leaves it unchanged: results stay reusable)."""
+    values = {g: {k: v for k, v in identity_values(g, getattr(params, g).model_dump(mode="json"))
+                  .items() if not k.endswith(("_dir", "_path")) and k not in ("seed", "preset")}
               for g in TRACKED_GROUPS}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 

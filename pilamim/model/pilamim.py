@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pilamim.config import ModelParams
@@ -64,7 +65,9 @@ class PiLaMIM(nn.Module):
     def __init__(self, params: ModelParams, in_chans: int) -> None:
         super().__init__()
         self.params = params
-        self.weights = PRESETS[params.preset]
+        preset = PRESETS[params.preset]
+        self.weights = LossWeights(preset.pixel, preset.latent * params.latent_weight,
+                                   preset.cls * params.latent_weight)
         self.in_chans = in_chans
         self.encoder = build_encoder(params, in_chans)
         self.num_patches = self.encoder.patch_embed.num_patches
@@ -130,6 +133,8 @@ class PiLaMIM(nn.Module):
         """
         self.target.eval()
         tokens = encode_full(self.target, images, self.patch_matmul)
+        if self.params.latent_target_norm == "layer_norm":
+            tokens = F.layer_norm(tokens.float(), tokens.shape[-1:])
         patches = tokens[:, 1:]
         if self.params.target_token_order == "shuffled":
             patches = self._official_shuffle(patches)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pilamim.config import Params
+from pilamim.config import Params, identity_values
 from pilamim.data.prepared import PreparedDataset, load_prepared
 from pilamim.data.pretrain_input import PretrainInput, pretrain_input
 from pilamim.data.shard_reader import verify_shards
@@ -85,7 +85,8 @@ def _meta(params: Params, in_chans: int, global_batch: int, digest: str,
     p = params.pretrain
     recipe = {k: v for k, v in p.model_dump(mode="json").items()
               if k not in _BOOKKEEPING and k not in ("batch_size", "accum_steps")}
-    return {"model": params.model.model_dump(mode="json"), "in_chans": in_chans,
+    return {"model": identity_values("model", params.model.model_dump(mode="json")),
+            "in_chans": in_chans,
             "global_batch": global_batch, "dataset_digest": digest, "recipe": recipe,
             LAYOUT: layout(p.batch_size, p.accum_steps, world)}
 

@@ -14,6 +14,7 @@ import torch
 from benchmarks.fidelity_study import runs, stats
 from benchmarks.fidelity_study.budgets import BUDGETS, budget_params, with_paths
 from benchmarks.fidelity_study.lowlevel import NUM_BINS, assign_bins, within_class_edges
+from pilamim.config import ADDED_NEUTRAL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,6 +143,17 @@ def test_budgets_share_everything_but_preset_seed_and_folders(tmp_path):
     changed = budget_params("micro", overrides=["model.norm_pix_loss=true"])
     assert changed.model.norm_pix_loss
     assert runs.fingerprint(changed) != runs.fingerprint(budget_params("micro"))
+
+
+def test_an_option_at_its_neutral_value_keeps_the_fingerprint_and_any_other_value_changes_it():
+    params = budget_params("micro")
+    dumped = runs.fingerprint(params)
+    for key, neutral in ADDED_NEUTRAL["model"].items():
+        assert getattr(params.model, key) == neutral
+        other = 0.5 if isinstance(neutral, float) else "layer_norm"
+        changed = params.model_copy(update={"model": params.model.model_copy(
+            update={key: other})})
+        assert runs.fingerprint(changed) != dumped
 
 
 def test_results_of_other_study_params_are_refused_not_mixed(tmp_path):

@@ -39,6 +39,33 @@ def test_loss_is_weighted_sum_of_terms():
     assert torch.allclose(out.loss, out.loss_pixel + out.loss_latent)
 
 
+def test_latent_weight_scales_the_latent_and_cls_terms_only():
+    torch.manual_seed(0)
+    model = build_pilamim(micro_model_params(latent_weight=0.25), in_chans=1)
+    out = model(torch.randn(2, 1, 16, 16))
+    assert torch.allclose(out.loss, out.loss_pixel + 0.25 * (out.loss_latent + out.loss_cls))
+    mae = build_pilamim(micro_model_params(preset="mae", latent_weight=0.25), in_chans=1)
+    out = mae(torch.randn(2, 1, 16, 16))
+    assert torch.allclose(out.loss, out.loss_pixel)
+
+
+def test_layer_norm_target_is_each_token_normalised_without_affine():
+    torch.manual_seed(0)
+    model = build_pilamim(micro_model_params(), in_chans=1)
+    with torch.no_grad():  # a trained final norm has left (1, 0): make it so
+        model.target.norm.weight.mul_(3.0)
+        model.target.norm.bias.add_(0.5)
+    images = torch.randn(3, 1, 16, 16)
+    cls, patches = model.latent_targets(images)
+    model.params = model.params.model_copy(update={"latent_target_norm": "layer_norm"})
+    cls_n, patches_n = model.latent_targets(images)
+    tokens = torch.cat([cls[:, None], patches], 1)
+    expected = (tokens - tokens.mean(-1, keepdim=True)) / (
+        tokens.var(-1, keepdim=True, correction=0) + 1e-5).sqrt()
+    assert torch.allclose(torch.cat([cls_n[:, None], patches_n], 1), expected, atol=1e-5)
+    assert not torch.allclose(patches_n, patches, atol=1e-2)
+
+
 def test_losses_zero_for_perfect_prediction_positive_otherwise():
     target = torch.randn(2, 5, 7)
     mask = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 1, 0]])

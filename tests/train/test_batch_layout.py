@@ -54,3 +54,17 @@ def test_a_world_change_is_found_and_the_fix_named(tmp_path):
     assert world_change([path], _meta(2, 1, 1)) is None
     assert world_change([path], _meta(4, 1, 1, seed=1)) is None
     assert world_change([path], _meta(4, 1, 2)) is None
+
+
+def test_an_option_added_at_its_neutral_value_keeps_older_checkpoints_resumable():
+    from pilamim.config import ADDED_NEUTRAL, Params
+    from pilamim.train.loop import _meta as run_meta
+
+    params = Params()
+    now = run_meta(params, 1, 256, "d", 1)
+    before = {**now, "model": {k: v for k, v in now["model"].items()
+                               if k not in ADDED_NEUTRAL["model"]}}
+    assert stale_reason(before, now) is None and recipe_key(before) == recipe_key(now)
+    weighted = params.model_copy(update={
+        "model": params.model.model_copy(update={"latent_weight": 0.5})})
+    assert "latent_weight" in stale_reason(now, run_meta(weighted, 1, 256, "d", 1))
