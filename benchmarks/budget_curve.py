@@ -18,22 +18,17 @@ Writes ``<out>/budget_curve.md``, ``.json`` and ``.png`` (and each study's fidel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks import fidelity
-from benchmarks.fidelity_study import curve, parallel, runs
-from benchmarks.fidelity_study.budgets import RUNTIME, budget_params, with_paths
-from benchmarks.fidelity_study.lowlevel import load_eval_images
-from pilamim.config import ParamsError
-from pilamim.data.prepare import prepare
-from pilamim.device import resolve_device
+from benchmarks.fidelity_study import curve, multi, runs
+from benchmarks.fidelity_study.budgets import RUNTIME, budget_params
+from pilamim.config import Params, ParamsError
 from pilamim.io import atomic_write_json, atomic_write_text
 
 
@@ -76,24 +71,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def studies(args: argparse.Namespace, command: str) -> dict[int, runs.Study]:
     """One prepared study per multiplier (its own params, fingerprint and folders)."""
     base = budget_params(args.budget, args.params, args.set)
-    out: dict[int, runs.Study] = {}
-    for k in sorted(set(args.multipliers)):
-        params = base if k == 1 else budget_params(
-            args.budget, args.params, [*args.set, f"pretrain.epochs={base.pretrain.epochs * k}"])
-        work = Path(args.work_dir, args.budget if k == 1 else f"{args.budget}-x{k}").absolute()
-        shared = with_paths(params, work, "shared", params.model.preset, 0)
-        prepared = prepare(shared.data)
-        out[k] = runs.Study(
-            params=shared, budget=args.budget, work=work, out=curve.study_dir(Path(args.out), k),
-            prepared=prepared, data=load_eval_images(prepared, params.model.img_size),
-            device=resolve_device(params.pretrain.device), command=command,
-            track=not args.no_track,
-            finetuned=runs.FINETUNED if k == 1 or args.finetune_all else ())
-    return out
+    return {k: multi.make_study(
+                base if k == 1 else budget_params(args.budget, args.params, _sets(args, base, k)),
+                Path(args.work_dir, args.budget if k == 1 else f"{args.budget}-x{k}"),
+                curve.study_dir(Path(args.out), k), budget=args.budget, command=command,
+                track=not args.no_track,
+                finetuned=runs.FINETUNED if k == 1 or args.finetune_all else ())
+            for k in sorted(set(args.multipliers))}
 
 
-def plan(args: argparse.Namespace, by_k: dict[int, runs.Study]
-         ) -> list[tuple[runs.Study, int, str]]:
+def _sets(args: argparse.Namespace, base: Params, k: int) -> list[str]:
+    return [*args.set] + ([] if k == 1 else [f"pretrain.epochs={base.pretrain.epochs * k}"])
+
+
+def plan(args: argparse.Namespace, by_k: dict[int, runs.Study]) -> list[multi.Task]:
     """Seed-major: every budget of seed 0 first, so a stopped study already has a curve."""
     tasks = []
     for seed in args.seeds:
@@ -106,17 +97,13 @@ def plan(args: argparse.Namespace, by_k: dict[int, runs.Study]
 
 
 def write_reports(args: argparse.Namespace, by_k: dict[int, runs.Study], command: str,
-                  started: float, fresh: dict[int, set[tuple[str, int]]]) -> list[Path]:
+                  started: float, fresh: dict[str, set[tuple[str, int]]]) -> list[Path]:
     """Each study's fidelity.md (its runs so far) and the curve across them."""
+    base = by_k[1].params
+    paths = multi.write_study_reports(
+        list(by_k.values()), args.seeds, args.jobs,
+        {s.fingerprint: _sets(args, base, k) for k, s in by_k.items()}, fresh, started)
     results = {k: runs.load_results(s.out, s.fingerprint)[0] for k, s in by_k.items()}
-    paths = []
-    for k, study in by_k.items():
-        if results[k]:
-            meta = fidelity._meta(study, argparse.Namespace(
-                seeds=args.seeds, set=[*args.set] + ([] if k == 1 else [
-                    f"pretrain.epochs={study.params.pretrain.epochs}"]), jobs=args.jobs),
-                started)
-            paths += fidelity.write_report(study, meta, started, fresh[k])
     pts = curve.points(results, args.entries)
     floor = curve.floors(results.get(curve.FLOORS_AT, []))
     meta = {"command": command, "written_at": time.strftime("%Y-%m-%d %H:%M"),
@@ -143,29 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tasks = [] if args.report_only else plan(args, by_k)
-    clash = [p for k, s in by_k.items()
-             for p in runs.mismatched(s.out, [(sd, e) for st, sd, e in tasks if st is s],
-                                      s.fingerprint)]
+    clash = multi.clashes(tasks)
     if clash:
         print(f"error: {len(clash)} results JSON were made with other study params (e.g. "
               f"{clash[0]}): use another --out folder, or delete them to redo those runs",
               file=sys.stderr)
         return 2
-    failed = []
-    k_of = {s.fingerprint: k for k, s in by_k.items()}
-    fresh: dict[int, set[tuple[str, int]]] = {k: set() for k in by_k}
-    with _parent_run(by_k[1], args, command):
-        for i, done in enumerate(parallel.execute_many(tasks, args.jobs, args.threads), 1):
-            if done.result is None:
-                failed.append(done)
-                print(f"[{i}/{len(tasks)}] {done.entry} seed {done.seed} FAILED:\n{done.error}",
-                      file=sys.stderr, flush=True)
-                continue
-            k = k_of[done.result["fingerprint"]]
-            if not done.result["cached"]:
-                fresh[k].add((done.entry, done.seed))
-            print(f"x{k} " + fidelity._progress(i, len(tasks), done.result), flush=True)
-            write_reports(args, by_k, command, started, fresh)
+    tags = {"fidelity.curve": " ".join(f"x{k}" for k in by_k),
+            "fidelity.seeds": " ".join(map(str, args.seeds)), "fidelity.command": command}
+    with multi.parent_run(by_k[1], "budget-curve", tags):
+        failed, fresh = multi.run_all(
+            tasks, args.jobs, args.threads, {s.fingerprint: f"x{k}" for k, s in by_k.items()},
+            lambda fresh: write_reports(args, by_k, command, started, fresh))
     paths = write_reports(args, by_k, command, started, fresh)
     print(f"report: {paths[0]}")
     if failed:
@@ -173,20 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-@contextlib.contextmanager
-def _parent_run(study: runs.Study, args: argparse.Namespace, command: str) -> Iterator[None]:
-    """One MLflow parent run for the curve; every run of every budget is its child."""
-    if not study.track:
-        yield
-        return
-    from pilamim.tracking.runs import pipeline_run
-
-    tags = {"fidelity.curve": " ".join(f"x{k}" for k in sorted(set(args.multipliers))),
-            "fidelity.seeds": " ".join(map(str, args.seeds)), "fidelity.command": command}
-    with pipeline_run(study.params, run_name="budget-curve", extra_tags=tags):
-        yield
 
 
 if __name__ == "__main__":

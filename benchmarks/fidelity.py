@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.fidelity_study import chart, parallel, report, runs, stats
+from benchmarks.fidelity_study import parallel, runs, stats
 from benchmarks.fidelity_study.budgets import (
     BUDGETS,
     DEFAULT_SEEDS,
@@ -40,12 +39,11 @@ from benchmarks.fidelity_study.budgets import (
     budget_params,
     with_paths,
 )
-from benchmarks.fidelity_study.lowlevel import class_only_accuracy, load_eval_images
+from benchmarks.fidelity_study.lowlevel import load_eval_images
+from benchmarks.fidelity_study.output import progress_line, study_meta, write_report
 from pilamim.config import ParamsError
 from pilamim.data.prepare import prepare
 from pilamim.device import resolve_device
-from pilamim.io import atomic_write_json, atomic_write_text
-from pilamim.model import build_encoder
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -109,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        device=resolve_device(params.pretrain.device),
                        command="python -m benchmarks.fidelity " + shlex.join(argv),
                        track=not args.no_track)
-    meta = _meta(study, args, started)
+    meta = study_meta(study, args, started)
     failed, fresh = [], set()
     with _parent_run(study, args) as parent:
         for i, done in enumerate(parallel.execute(study, todo, args.jobs, args.threads), 1):
@@ -118,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{i}/{len(todo)}] {done.entry} seed {done.seed} FAILED:\n{done.error}",
                       file=sys.stderr, flush=True)
             else:
-                print(_progress(i, len(todo), done.result), flush=True)
+                print(progress_line(i, len(todo), done.result), flush=True)
                 if not done.result["cached"]:
                     fresh.add((done.entry, done.seed))
             paths = write_report(study, meta, started, fresh)
@@ -135,55 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def write_report(study: runs.Study, meta: dict[str, Any], started: float,
-                 fresh: set[tuple[str, int]]) -> list[Path]:
-    """(Re)write md, json and png from every results JSON of this study in ``out``.
-
-    ``fresh``: the runs computed by this invocation; the others are marked reused.
-    """
-    results, ignored = runs.load_results(study.out, study.fingerprint)
-    for r in results:
-        r["cached"] = (r["entry"], r["seed"]) not in fresh
-    meta = {**meta, "invocation_s": time.perf_counter() - started,
-            "ignored": [str(p) for p in ignored]}
-    md, data = report.build(results, runs.ENTRIES, meta)
-    summary = stats.table(results)
-    png = chart.bar_chart(summary, runs.ENTRIES, study.out / "fidelity.png",
-                          f"Fidelity study, budget {study.budget}: mean ± std over seeds "
-                          "(dots: single seeds)")
-    return [atomic_write_text(study.out / "fidelity.md", md),
-            atomic_write_json(study.out / "fidelity.json", data), png]
-
-
-def _portable(values: dict[str, Any], work: Path) -> dict[str, Any]:
-    """``values`` with the absolute work folder written as the reader's own: relative to the
-    working directory when inside it, else ``<work-dir>``. The report is committed; the
-    machine that ran it is nobody else's business."""
-    try:
-        shown = work.relative_to(Path.cwd().absolute()).as_posix()
-    except ValueError:
-        shown = "<work-dir>"
-    return json.loads(json.dumps(values).replace(str(work), shown))
-
-
-def _meta(study: runs.Study, args: argparse.Namespace, started: float) -> dict[str, Any]:
-    encoder = build_encoder(study.params.model, study.prepared.channels)
-    values = {g: getattr(study.params, g).model_dump(mode="json") for g in runs.TRACKED_GROUPS}
-    values = _portable(values, study.work)
-    return {
-        "budget": study.budget, "command": study.command, "fingerprint": study.fingerprint,
-        "seeds": list(args.seeds), "overrides": list(args.set), "params": values,
-        "expected_runs": len(runs.ENTRIES) * len(args.seeds),
-        "split_sizes": {s: len(study.prepared.split(s)) for s in ("train", "val", "test")},
-        "encoder_params": sum(p.numel() for p in encoder.parameters()),
-        "lowlevel": {"class_only_test": class_only_accuracy(study.data),
-                     "edges": study.data.edges.tolist()},
-        "device": str(study.device), "torch_threads": torch.get_num_threads(),
-        "jobs": args.jobs,
-        "dataset_digest": study.prepared.digest, "setup_s": time.perf_counter() - started,
-    }
 
 
 @contextlib.contextmanager
@@ -210,13 +159,6 @@ def _means(study: runs.Study) -> dict[str, float]:
                 out[f"{entry}/{metric}_mean"] = s.mean
                 out[f"{entry}/{metric}_std"] = s.std
     return out
-
-
-def _progress(i: int, n: int, result: dict[str, Any]) -> str:
-    m = result["metrics"]
-    shown = " ".join(f"{k}={100 * v:.1f}" for k, v in m.items() if v is not None)
-    how = "reused" if result.get("cached") else f"{result['timing']['total_s']:.0f} s"
-    return f"[{i}/{n}] {result['entry']} seed {result['seed']}: {shown} ({how})"
 
 
 if __name__ == "__main__":
