@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fidelity_study import curve, multi, runs
-from benchmarks.fidelity_study.budgets import RUNTIME, budget_params
+from benchmarks.fidelity_study.budgets import BUDGETS, RUNTIME, budget_params
 from pilamim.config import Params, ParamsError
 from pilamim.io import atomic_write_json, atomic_write_text
 
@@ -51,8 +51,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--params", help="base params directory (default: the repo's params/)")
     ap.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE",
                     help="override a param at every multiplier")
-    ap.add_argument("--budget", choices=("cpu", "micro"), default="cpu",
-                    help="the x1 study (micro: test-sized)")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
+                    help="the x1 study: micro (test-sized), cpu (the embedded default), gpu (ViT-S)")
     ap.add_argument("--jobs", type=int, help="worker processes (default: the budget's)")
     ap.add_argument("--threads", type=int, help="torch threads per process (default: the "
                     "budget's)")

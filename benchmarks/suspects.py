@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fidelity_study import multi, runs, suspects
-from benchmarks.fidelity_study.budgets import RUNTIME, budget_params
+from benchmarks.fidelity_study.budgets import BUDGETS, RUNTIME, budget_params
 from pilamim.config import ParamsError
 from pilamim.io import atomic_write_text
 
@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--out", default="reports")
     ap.add_argument("--work-dir", default="models/fidelity")
     ap.add_argument("--params", help="base params directory (default: the repo's params/)")
-    ap.add_argument("--budget", choices=("cpu", "micro"), default="cpu")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--jobs", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
