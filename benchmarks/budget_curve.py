@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE",
                     help="override a param at every multiplier")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
-                    help="the x1 study: micro (test-sized), cpu (the embedded default), gpu (ViT-S)")
+                    help="the x1 study: micro (tests), cpu (the embedded default), gpu (ViT-S)")
     ap.add_argument("--jobs", type=int, help="worker processes (default: the budget's)")
     ap.add_argument("--threads", type=int, help="torch threads per process (default: the "
                     "budget's)")
