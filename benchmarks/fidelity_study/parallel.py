@@ -8,7 +8,11 @@ its env, and rebuild the study from the prepared data the main process already w
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,6 +24,7 @@ import torch
 
 from . import runs
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # data folder, img_size -> (prepared data, eval images) in this worker
 _worker_data: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -68,8 +73,23 @@ def _attempt(study: runs.Study, entry: str, seed: int) -> Outcome:
 
 
 def _init(threads: int | None) -> None:
+    die_with_parent()
     if threads:
         torch.set_num_threads(threads)
+
+
+def die_with_parent() -> None:
+    """Have Linux kill this worker when the study process dies. A worker that outlived a killed
+    study would go on training its run while the restarted study trains the same run (same
+    checkpoint folder), and hold a core the new workers need."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return  # not fatal: the study still works, only the clean-up on a kill is lost
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _work(spec: runs.Study, entry: str, seed: int) -> Outcome:

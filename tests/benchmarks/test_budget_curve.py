@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.fidelity_study import curve
 from benchmarks.fidelity_study.stats import summarize
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -110,3 +117,45 @@ def test_suspects_run_beside_the_default_and_are_read_on_val(tmp_path):
     assert "| default | (embedded default) | MAE (pixel) |" in md
     assert "- Best suspect for PiLaMIM on val: **" in md
     assert "PiLaMIM with it vs without on linear probe top-1" in md
+
+
+_POOL = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from benchmarks.fidelity_study import parallel
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=parallel._init,
+                             initargs=(1,)) as pool:
+        print(pool.submit(os.getpid).result(), flush=True)
+        pool.submit(time.sleep, 120).result()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_study_takes_its_workers_with_it(tmp_path):
+    """Else a worker goes on training a run that the restarted study trains again."""
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL)
+    study = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        worker = int(study.stdout.readline())
+        assert _alive(worker)
+        study.send_signal(signal.SIGKILL)
+        study.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        study.kill()
