@@ -69,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.work_dir, args.budget if name == suspects.DEFAULT
                  else f"{args.budget}-{name}"),
             suspects.study_dir(out, name), budget=args.budget, command=command,
-            track=not args.no_track, finetuned=())
+            # the default's runs are the x1 fidelity study's: fine-tuned as it fine-tunes them
+            track=not args.no_track,
+            finetuned=runs.FINETUNED if name == suspects.DEFAULT else ())
             for name, s in sets.items()}
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)

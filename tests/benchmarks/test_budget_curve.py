@@ -111,6 +111,9 @@ def test_suspects_run_beside_the_default_and_are_read_on_val(tmp_path):
                           / "pilamim-seed0.json").read_text())
     default = json.loads((out / "fidelity_runs" / "pilamim-seed0.json").read_text())
     assert suspect["fingerprint"] != default["fingerprint"]
+    # the default's runs are the x1 study's, fine-tuned as that study does; suspects are not
+    assert default["metrics"]["finetune_top1"] is not None
+    assert suspect["metrics"]["finetune_top1"] is None
 
     md = (out / "suspects.md").read_text()
     assert "| decoder_128 | `model.decoder_width=128` | PiLaMIM |" in md
