@@ -94,6 +94,7 @@ class DataParams(_Strict):
 # option out while it has that value, so upgrading does not orphan checkpoints or results.
 ADDED_NEUTRAL: dict[str, dict[str, object]] = {
     "model": {"latent_weight": 1.0, "latent_target_norm": "none"},
+    "probe": {"precision": "auto"},
 }
 
 
@@ -257,6 +258,9 @@ class ProbeParams(_Strict):
     augment: bool = Field(False, description="RRC + flip; false caches features once")
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="of the frozen encoder's feature extraction (auto: bf16 on CUDA "
+        "and on CPUs with native bf16, else fp32)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)

@@ -51,7 +51,7 @@ def encoder_features(encoder_dir: str | Path, data: EvalImages, params: Params,
                      device: torch.device) -> dict[str, Tensor]:
     """[CLS] features of every split from the exported encoder (as ``pilamim probe`` reads)."""
     encoder = load_encoder(encoder_dir)
-    dtype = autocast_dtype(device, "auto")
+    dtype = autocast_dtype(device, params.probe.precision)
     return {s: extract_features(encoder, TensorDataset(x, data.labels[s]), params.probe.batch_size,
                                 device, dtype=dtype, desc=f"features {s}")[0]
             for s, x in data.images.items()}

@@ -197,7 +197,7 @@ def run_linear_probe(encoder: nn.Module, train_ds: Dataset, eval_sets: Mapping[s
             f"probe.base_lr/weight_decay list {len(grid)} candidates to choose from on the "
             f"'{SELECTION_SPLIT}' split, but there is none (splits: {sorted(eval_sets)}); set "
             "data.val_fraction > 0, or give probe.base_lr and probe.weight_decay one value each")
-    dtype = autocast_dtype(device, "auto")
+    dtype = autocast_dtype(device, params.precision)
     was_training = encoder.training
 
     def extract(ds: Dataset, desc: str) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pilamim.config import identity_values
 from pilamim.io import file_sha256
 
 LINEAGE_KEY = "lineage"
@@ -41,9 +42,12 @@ def encoder_sha256(encoder_dir: str | Path) -> str:
 def eval_protocol(stage: str, group: BaseModel) -> str:
     """``<stage>:<12 hex>``: a hash of the params that change what the stage measures.
 
-    Seeds are left out: a protocol says how a number is measured, not which random draw.
+    Seeds are left out: a protocol says how a number is measured, not which random draw; so
+    are options added later while at the value that reproduces the code before them
+    (:data:`pilamim.config.ADDED_NEUTRAL`), so an upgrade keeps versions comparable.
     """
-    values = {k: v for k, v in group.model_dump(mode="json").items() if k not in NOT_PROTOCOL}
+    values = {k: v for k, v in identity_values(stage, group.model_dump(mode="json")).items()
+              if k not in NOT_PROTOCOL}
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return f"{stage}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 

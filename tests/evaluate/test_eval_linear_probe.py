@@ -156,3 +156,39 @@ def test_probe_grid_needs_a_val_split(encoder, splits):
 def test_select_candidate_prefers_the_first_of_a_tie():
     assert select_candidate([0.5, 0.7, 0.7, 0.1]) == 1
     assert select_candidate([0.3]) == 0
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_probe_extracts_features_in_its_own_precision(encoder, splits, monkeypatch, precision,
+                                                      dtype):
+    """probe.precision: fp32 gives features that do not depend on the CPU's bf16 support."""
+    from pilamim.evaluate import linear_probe
+
+    seen = []
+    real = linear_probe.extract_features
+
+    def spy(*args, **kwargs):
+        seen.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_probe, "extract_features", spy)
+    run_linear_probe(encoder, splits["train"], {"val": splits["val"]}, CLASSES,
+                     ProbeParams(**FAST, precision=precision), "cpu")
+    assert seen and set(seen) == {dtype}
+
+
+def test_an_option_added_at_its_neutral_value_keeps_the_eval_protocol():
+    """Versions probed before probe.precision existed stay comparable with new ones."""
+    import hashlib
+    import json
+
+    from pilamim.stages.lineage import NOT_PROTOCOL, eval_protocol
+
+    params = ProbeParams()
+    before = {k: v for k, v in params.model_dump(mode="json").items()
+              if k not in NOT_PROTOCOL and k != "precision"}
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert eval_protocol("probe", params) == f"probe:{digest}"
+    assert eval_protocol("probe", params.model_copy(update={"precision": "fp32"})) != \
+        eval_protocol("probe", params)
