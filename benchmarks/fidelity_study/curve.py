@@ -167,6 +167,7 @@ def chart(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | None]
     """Probe top-1 against steps and against CPU-minutes, kNN against steps; floors as lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(14, 4.6), dpi=110)
     FigureCanvasAgg(fig)
@@ -197,6 +198,12 @@ def chart(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | None]
                     ax.axhspan(100 * (s.mean - s.std), 100 * (s.mean + s.std),
                                color=COLORS[entry], alpha=0.25)
         ax.set_xscale("log", base=2)
+        if axis == "steps":  # the budgets themselves, not powers of two
+            steps = sorted({p.steps for p in pts})
+            ax.set_xticks(steps, labels=[f"{s:,}" for s in steps])
+            ax.minorticks_off()
+        else:
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_xlabel("pretraining steps (batch 256)" if axis == "steps"
                       else "pretraining CPU-minutes per run")
         ax.set_ylabel(f"{METRICS[metric]} on test (%)")
