@@ -68,6 +68,9 @@ def build(runs: Sequence[Mapping[str, Any]], entries: Sequence[str], meta: Mappi
 def _markdown(runs, order, summary, comps, goals, meta) -> str:
     seeds = sorted({r["seed"] for r in runs})
     expected = meta.get("expected_runs")
+    by_time = sorted(runs, key=lambda r: r.get("finished_at", ""))
+    commands = dict.fromkeys([*(r["command"] for r in by_time if r.get("command")),
+                              meta["command"]])
     lines = [
         "# Fidelity study: PiLaMIM against its own baselines",
         "",
@@ -76,10 +79,11 @@ def _markdown(runs, order, summary, comps, goals, meta) -> str:
         f" · written {time.strftime('%Y-%m-%d %H:%M %Z')} · study fingerprint "
         f"`{meta['fingerprint']}`",
         "",
-        "Reproduce (the exact command that wrote this report):",
+        "Reproduce: the commands that made these runs (each run's JSON records its own; "
+        "rerunning them reuses finished runs), the last of which wrote this report:",
         "",
         "```",
-        meta["command"],
+        *commands,
         "```",
         "",
         "## Results (test split, %, mean ± std over seeds)",
