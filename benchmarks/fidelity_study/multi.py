@@ -74,7 +74,9 @@ def write_study_reports(studies: Sequence[runs.Study], seeds: Sequence[int], job
             continue
         args = argparse.Namespace(seeds=list(seeds), set=list(extra_sets.get(
             study.fingerprint, [])), jobs=jobs)
-        meta = study_meta(study, args, started)
+        # a study filled by several invocations (this one plans only some entries) has no
+        # single planned count
+        meta = {**study_meta(study, args, started), "expected_runs": None}
         paths += write_report(study, meta, started, fresh.get(study.fingerprint, set()))
     return paths
 
