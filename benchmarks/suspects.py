@@ -1,4 +1,4 @@
-"""Why MAE leads at x1: controlled runs of each suspect, chosen on val, confirmed on test.
+"""Where MAE leads at x1: controlled runs of each suspect, chosen on val, confirmed on test.
 
 Every suspect (``benchmarks/fidelity_study/suspects.py``: the EMA schedule, the latent loss's
 weight, target normalisation, decoder width, pixel normalisation) is the embedded default with

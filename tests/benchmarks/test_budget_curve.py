@@ -118,7 +118,8 @@ def test_suspects_run_beside_the_default_and_are_read_on_val(tmp_path):
     md = (out / "suspects.md").read_text()
     assert "| decoder_128 | `model.decoder_width=128` | PiLaMIM |" in md
     assert "| default | (embedded default) | MAE (pixel) |" in md
-    assert "- Best suspect for PiLaMIM on val: **" in md
+    assert "- Best suspect for PiLaMIM on val linear probe top-1: **" in md
+    assert "- Best suspect for PiLaMIM on val kNN top-1: **" in md
     assert "PiLaMIM with it vs without on linear probe top-1" in md
 
 
