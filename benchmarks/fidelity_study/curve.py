@@ -16,7 +16,7 @@ from typing import Any
 from pilamim.io import atomic_write
 
 from .chart import COLORS
-from .stats import LABELS, METRICS, Summary, compare, describe, summarize
+from .stats import LABELS, METRICS, Summary, cell, compare, describe, summarize
 
 FLOORS_AT = 1  # the floors do not depend on pretraining length: measured once, at x1
 CURVE_METRICS = ("probe_top1", "knn_top1", "lowlevel_top1", "lowlevel_knn_top1")
@@ -67,13 +67,6 @@ def floors(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Summary | N
                                        if r["metrics"].get(m) is not None)
                           for m in CURVE_METRICS}
     return out
-
-
-def _pct(s: Summary | None) -> str:
-    if s is None:
-        return "—"
-    spread = f" ± {100 * s.std:.2f}" if s.n > 1 else ""
-    return f"{100 * s.mean:.2f}{spread} (n={s.n})"
 
 
 def reading(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | None]],
@@ -146,10 +139,10 @@ def markdown(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | No
                 continue
             cpu = "—" if p.cpu_minutes is None else f"{p.cpu_minutes.mean:.1f}"
             lines.append(f"| x{k} | {p.steps} | {LABELS.get(entry, entry)} | "
-                         + " | ".join(_pct(p.metrics[m]) for m in CURVE_METRICS) + f" | {cpu} |")
+                         + " | ".join(cell(p.metrics[m]) for m in CURVE_METRICS) + f" | {cpu} |")
     for entry, row in floor.items():
         lines.append(f"| any | 0 | {LABELS.get(entry, entry)} | "
-                     + " | ".join(_pct(row.get(m)) for m in CURVE_METRICS) + " | 0 |")
+                     + " | ".join(cell(row.get(m)) for m in CURVE_METRICS) + " | 0 |")
     lines += ["", "## Reading (generated from the numbers)", "",
               "A difference counts only when |difference of means| is larger than the pooled "
               "seed std, sqrt((s_a² + s_b²) / 2); with one seed there is no spread and no "

@@ -132,6 +132,14 @@ def targets(summary: Mapping[str, Mapping[str, Summary | None]]) -> list[dict[st
     return out
 
 
+def cell(s: Summary | None) -> str:
+    """A table cell: mean ± std (std only with 2+ seeds) and the number of seeds, in %."""
+    if s is None:
+        return "—"
+    spread = f" ± {100 * s.std:.2f}" if s.n > 1 else ""
+    return f"{100 * s.mean:.2f}{spread} (n={s.n})"
+
+
 def pts(x: float) -> str:
     """A fraction as percentage points with sign: 0.0123 -> '+1.23'."""
     return f"{100 * x:+.2f}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stats import LABELS, METRICS, Summary, compare, describe, summarize
+from .stats import LABELS, METRICS, Summary, cell, compare, describe, summarize
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,6 @@ def table(results: Mapping[str, Sequence[Mapping[str, Any]]]
     return out
 
 
-def _cell(s: Summary | None) -> str:
-    if s is None:
-        return "—"
-    spread = f" ± {100 * s.std:.2f}" if s.n > 1 else ""
-    return f"{100 * s.mean:.2f}{spread} (n={s.n})"
-
-
 def markdown(results: Mapping[str, Sequence[Mapping[str, Any]]], meta: Mapping[str, Any]) -> str:
     rows = table(results)
     lines = [
@@ -93,7 +86,7 @@ def markdown(results: Mapping[str, Sequence[Mapping[str, Any]]], meta: Mapping[s
         option = "(embedded default)" if name == DEFAULT else ", ".join(
             f"`{s}`" for s in SUSPECTS[name].sets)
         lines.append(f"| {name} | {option} | {LABELS.get(entry, entry)} | "
-                     + " | ".join(_cell(m[k]) for k in (*VAL, *TEST)) + " |")
+                     + " | ".join(cell(m[k]) for k in (*VAL, *TEST)) + " |")
     lines += ["", "## Hypotheses", ""]
     lines += [f"- **{name}** ({', '.join(f'`{s}`' for s in s_.sets)}): {s_.why}."
               for name, s_ in SUSPECTS.items() if name in results]
