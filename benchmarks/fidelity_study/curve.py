@@ -35,25 +35,39 @@ class Point:
     multiplier: int
     steps: int
     metrics: dict[str, Summary | None]
-    cpu_minutes: Summary | None  # pretraining process CPU time, per run
+    cpu_minutes: float | None  # pretraining CPU time of one run (see :func:`cpu_per_step`)
+
+
+def cpu_per_step(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """entry -> pretraining CPU-seconds per step, mean over the x1 runs that measured it.
+
+    A budget's cost is its steps times this: the step is the same at every budget, while a
+    run's own CPU time misses whatever a killed-and-resumed run trained before the restart.
+    """
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        if "pretrain_cpu_s" in r["timing"] and r.get("pretrain"):
+            per.setdefault(r["entry"], []).append(
+                r["timing"]["pretrain_cpu_s"] / r["pretrain"]["steps"])
+    return {e: sum(v) / len(v) for e, v in per.items()}
 
 
 def points(results: Mapping[int, Sequence[Mapping[str, Any]]], presets: Sequence[str]
            ) -> list[Point]:
     """``results``: multiplier -> that study's results; presets only (floors: :func:`floors`)."""
+    cost = cpu_per_step(results.get(FLOORS_AT, []))
     out = []
     for k, rows in sorted(results.items()):
         for entry in presets:
             mine = [r for r in rows if r["entry"] == entry]
             if not mine:
                 continue
-            cpu = [r["timing"]["pretrain_cpu_s"] / 60 for r in mine
-                   if "pretrain_cpu_s" in r["timing"]]
+            steps = int(mine[0]["pretrain"]["steps"])
             out.append(Point(
-                entry, k, int(mine[0]["pretrain"]["steps"]),
+                entry, k, steps,
                 {m: summarize(r["metrics"][m] for r in mine if r["metrics"].get(m) is not None)
                  for m in CURVE_METRICS},
-                summarize(cpu)))
+                steps * cost[entry] / 60 if entry in cost else None))
     return out
 
 
@@ -123,9 +137,9 @@ def markdown(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | No
         "default (`params/`) with `pretrain.epochs` multiplied; everything else, including the "
         "evaluation protocols, is the fidelity study's (`fidelity.md` beside this file is x1; "
         "`budget_x<k>/fidelity.md` has every run of budget k). Numbers are test-split top-1 "
-        "in %, mean ± sample std over seeds (n = seeds). CPU-minutes: the pretraining "
-        "process's CPU time per run (threads per process: "
-        f"{meta['threads']}).", "",
+        "in %, mean ± sample std over seeds (n = seeds). CPU-minutes: a run's pretraining "
+        "steps times the CPU-seconds per step its preset took at x1 (mean over the x1 runs; "
+        f"threads per process: {meta['threads']}).", "",
         "![budget curve](budget_curve.png)", "",
         "| budget | steps | entry | " + " | ".join(METRICS[m] for m in CURVE_METRICS)
         + " | pretraining CPU-min |",
@@ -137,7 +151,7 @@ def markdown(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | No
             p = by.get((entry, k))
             if p is None:
                 continue
-            cpu = "—" if p.cpu_minutes is None else f"{p.cpu_minutes.mean:.1f}"
+            cpu = "—" if p.cpu_minutes is None else f"{p.cpu_minutes:.1f}"
             lines.append(f"| x{k} | {p.steps} | {LABELS.get(entry, entry)} | "
                          + " | ".join(cell(p.metrics[m]) for m in CURVE_METRICS) + f" | {cpu} |")
     for entry, row in floor.items():
@@ -175,7 +189,7 @@ def chart(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | None]
                           key=lambda p: p.multiplier)
             if not mine:
                 continue
-            xs = [p.steps if axis == "steps" else p.cpu_minutes.mean for p in mine]
+            xs = [p.steps if axis == "steps" else p.cpu_minutes for p in mine]
             ax.errorbar(xs, [100 * p.metrics[metric].mean for p in mine],
                         yerr=[100 * p.metrics[metric].std for p in mine], marker="o",
                         capsize=3, color=COLORS.get(entry), label=LABELS.get(entry, entry))
@@ -215,6 +229,6 @@ def to_json(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | Non
 
     return {"meta": dict(meta),
             "points": [{"entry": p.entry, "multiplier": p.multiplier, "steps": p.steps,
-                        "cpu_minutes": s(p.cpu_minutes),
+                        "cpu_minutes": p.cpu_minutes,
                         "metrics": {m: s(v) for m, v in p.metrics.items()}} for p in pts],
             "floors": {e: {m: s(v) for m, v in row.items()} for e, row in floor.items()}}
