@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fidelity_study import curve, multi, runs
-from benchmarks.fidelity_study.budgets import BUDGETS, RUNTIME, budget_params
+from benchmarks.fidelity_study.budgets import BUDGETS, budget_params, runtime
 from pilamim.config import Params, ParamsError
 from pilamim.io import atomic_write_json, atomic_write_text
 
@@ -62,9 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if 1 not in args.multipliers:
         ap.error("--multipliers must include 1 (the floors and the reference budget)")
-    jobs, threads = RUNTIME[args.budget]
-    args.jobs = args.jobs if args.jobs is not None else jobs
-    args.threads = args.threads if args.threads is not None else threads
+    args.jobs, args.threads = runtime(args.budget, args.jobs, args.threads)
     return args
 
 
@@ -130,11 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tasks = [] if args.report_only else plan(args, by_k)
-    clash = multi.clashes(tasks)
-    if clash:
-        print(f"error: {len(clash)} results JSON were made with other study params (e.g. "
-              f"{clash[0]}): use another --out folder, or delete them to redo those runs",
-              file=sys.stderr)
+    if multi.refuse_clashes(tasks):
         return 2
     tags = {"fidelity.curve": " ".join(f"x{k}" for k in by_k),
             "fidelity.seeds": " ".join(map(str, args.seeds)), "fidelity.command": command}

@@ -35,8 +35,8 @@ from benchmarks.fidelity_study import parallel, runs, stats
 from benchmarks.fidelity_study.budgets import (
     BUDGETS,
     DEFAULT_SEEDS,
-    RUNTIME,
     budget_params,
+    runtime,
     with_paths,
 )
 from benchmarks.fidelity_study.lowlevel import load_eval_images
@@ -71,9 +71,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.scale:
         args.budget = "gpu"
     args.seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.budget]
-    jobs, threads = RUNTIME[args.budget]
-    args.jobs = args.jobs if args.jobs is not None else jobs
-    args.threads = args.threads if args.threads is not None else threads
+    args.jobs, args.threads = runtime(args.budget, args.jobs, args.threads)
     return args
 
 

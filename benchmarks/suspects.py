@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fidelity_study import multi, runs, suspects
-from benchmarks.fidelity_study.budgets import BUDGETS, RUNTIME, budget_params
+from benchmarks.fidelity_study.budgets import BUDGETS, budget_params, runtime
 from pilamim.config import ParamsError
 from pilamim.io import atomic_write_text
 
@@ -48,9 +48,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     args = ap.parse_args(argv)
     args.only = args.only or list(suspects.SUSPECTS)
-    jobs, threads = RUNTIME[args.budget]
-    args.jobs = args.jobs if args.jobs is not None else jobs
-    args.threads = args.threads if args.threads is not None else threads
+    args.jobs, args.threads = runtime(args.budget, args.jobs, args.threads)
     return args
 
 
@@ -82,10 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.with_default:
         tasks = [(studies[suspects.DEFAULT], seed, e) for seed in args.seeds
                  for e in ("pilamim", "mae")] + tasks
-    clash = multi.clashes(tasks)
-    if clash:
-        print(f"error: {len(clash)} results JSON were made with other study params (e.g. "
-              f"{clash[0]}): delete them to redo those runs", file=sys.stderr)
+    if multi.refuse_clashes(tasks):
         return 2
     labels = {s.fingerprint: name for name, s in studies.items()}
     if len(labels) < len(studies):

@@ -66,6 +66,13 @@ BUDGET_NOTES: dict[str, str] = {
 }
 
 
+def runtime(budget: str, jobs: int | None, threads: int | None) -> tuple[int, int | None]:
+    """(worker processes, torch threads each): the ones asked for, else the budget's."""
+    default_jobs, default_threads = RUNTIME[budget]
+    return (default_jobs if jobs is None else jobs,
+            default_threads if threads is None else threads)
+
+
 def budget_params(budget: str, params_dir: str | Path | None = None,
                   overrides: list[str] | None = None) -> Params:
     """The study's shared params: ``params_dir`` (repo ``params/``) + budget + ``overrides``.

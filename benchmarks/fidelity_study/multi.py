@@ -36,10 +36,16 @@ def make_study(params: Params, work: Path, out: Path, *, budget: str, command: s
                       track=track, finetuned=finetuned)
 
 
-def clashes(tasks: Sequence[Task]) -> list[Path]:
-    """Results JSON of planned runs that were made with other study params."""
-    return [p for study, seed, entry in tasks
-            for p in runs.mismatched(study.out, [(seed, entry)], study.fingerprint)]
+def refuse_clashes(tasks: Sequence[Task]) -> bool:
+    """Say so and return True when results JSON of planned runs were made with other study
+    params (they would be mixed into a report they do not belong to)."""
+    clash = [p for study, seed, entry in tasks
+             for p in runs.mismatched(study.out, [(seed, entry)], study.fingerprint)]
+    if clash:
+        print(f"error: {len(clash)} results JSON were made with other study params (e.g. "
+              f"{clash[0]}): use another --out folder, or delete them to redo those runs",
+              file=sys.stderr)
+    return bool(clash)
 
 
 def run_all(tasks: Sequence[Task], jobs: int, threads: int | None, label: Mapping[str, str],
