@@ -136,13 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed, fresh = multi.run_all(
             tasks, args.jobs, args.threads, {s.fingerprint: f"x{k}" for k, s in by_k.items()},
             lambda fresh: write_reports(args, by_k, command, started, fresh))
-    paths = write_reports(args, by_k, command, started, fresh)
-    print(f"report: {paths[0]}")
-    if failed:
-        print(f"{len(failed)} run(s) failed; rerun the same command to retry them",
-              file=sys.stderr)
-        return 1
-    return 0
+    return multi.finish(write_reports(args, by_k, command, started, fresh)[0], failed)
 
 
 if __name__ == "__main__":

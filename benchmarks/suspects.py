@@ -100,12 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with multi.parent_run(studies[suspects.DEFAULT], "suspects",
                           {"fidelity.suspects": " ".join(args.only), "fidelity.command": command}):
         failed, fresh = multi.run_all(tasks, args.jobs, args.threads, labels, write)
-    print(f"report: {write(fresh)}")
-    if failed:
-        print(f"{len(failed)} run(s) failed ({', '.join(failed)}); rerun the same command",
-              file=sys.stderr)
-        return 1
-    return 0
+    return multi.finish(write(fresh), failed)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def run_all(tasks: Sequence[Task], jobs: int, threads: int | None, label: Mappin
     return failed, fresh
 
 
+def finish(report: Path, failed: Sequence[str]) -> int:
+    """The exit status of a multi-study command, saying where the report is and what failed."""
+    print(f"report: {report}")
+    if failed:
+        print(f"{len(failed)} run(s) failed ({', '.join(failed)}); rerun the same command to "
+              "retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def write_study_reports(studies: Sequence[runs.Study], seeds: Sequence[int], jobs: int,
                         extra_sets: Mapping[str, Sequence[str]],
                         fresh: Mapping[str, set[tuple[str, int]]], started: float) -> list[Path]:
