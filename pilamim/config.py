@@ -93,7 +93,7 @@ class DataParams(_Strict):
 # before it. A run's identity (the checkpoint recipe, a study's fingerprint) leaves such an
 # option out while it has that value, so upgrading does not orphan checkpoints or results.
 ADDED_NEUTRAL: dict[str, dict[str, object]] = {
-    "model": {"latent_weight": 1.0, "latent_target_norm": "none"},
+    "model": {"latent_weight": 1.0, "cls_weight": 1.0, "latent_target_norm": "none"},
     "probe": {"precision": "auto"},
 }
 
@@ -134,6 +134,9 @@ class ModelParams(_Strict):
     latent_weight: float = Field(
         1.0, gt=0.0, description="multiplies the preset's latent and [CLS] loss weights "
         "(lambda_lat, lambda_cls; the paper: 1); no effect on presets without a latent branch")
+    cls_weight: float = Field(
+        1.0, ge=0.0, description="multiplies lambda_cls alone, on top of latent_weight (the "
+        "paper: 1); 0 keeps the [CLS] head but drops its loss, as preset pilamim_nocls does")
     latent_target_norm: Literal["none", "layer_norm"] = Field(
         "none", description="'none': the target encoder's final-norm output (official code); "
         "'layer_norm': that output normalised again without affine, per token (I-JEPA's target)")

@@ -34,6 +34,10 @@ SUSPECTS: dict[str, Suspect] = {
     "latent_weight_double": Suspect(
         ("model.latent_weight=2.0",),
         "the opposite: the latent branch is too weak to shape the features"),
+    "cls_weight_half": Suspect(
+        ("model.cls_weight=0.5",),
+        "the [CLS] loss pulls [CLS] toward the target's whole-image summary, which carries "
+        "low-level content; without it (pilamim_nocls) kNN matches MAE's at the same probe"),
     "target_layer_norm": Suspect(
         ("model.latent_target_norm=layer_norm",),
         "unnormalised targets: the target's final-norm output keeps a learned scale and shift "

@@ -67,7 +67,7 @@ class PiLaMIM(nn.Module):
         self.params = params
         preset = PRESETS[params.preset]
         self.weights = LossWeights(preset.pixel, preset.latent * params.latent_weight,
-                                   preset.cls * params.latent_weight)
+                                   preset.cls * params.latent_weight * params.cls_weight)
         self.in_chans = in_chans
         self.encoder = build_encoder(params, in_chans)
         self.num_patches = self.encoder.patch_embed.num_patches

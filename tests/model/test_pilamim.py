@@ -49,6 +49,15 @@ def test_latent_weight_scales_the_latent_and_cls_terms_only():
     assert torch.allclose(out.loss, out.loss_pixel)
 
 
+def test_cls_weight_scales_the_cls_term_alone_on_top_of_latent_weight():
+    torch.manual_seed(0)
+    model = build_pilamim(micro_model_params(latent_weight=0.5, cls_weight=0.25), in_chans=1)
+    out = model(torch.randn(2, 1, 16, 16))
+    expected = out.loss_pixel + 0.5 * out.loss_latent + 0.125 * out.loss_cls
+    assert torch.allclose(out.loss, expected)
+    assert out.loss_cls > 0  # the term is still computed and logged, only weighted
+
+
 def test_layer_norm_target_is_each_token_normalised_without_affine():
     torch.manual_seed(0)
     model = build_pilamim(micro_model_params(), in_chans=1)
