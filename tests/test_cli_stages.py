@@ -15,6 +15,7 @@ from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 from dvc.lock import LockError
 from mlflow.exceptions import MlflowException
 
+from pilamim import cli
 from pilamim.checkout_lock import EXIT_BUSY, CheckoutBusyError
 from pilamim.cli import ENV_REPORT_FILE, EXIT_TRANSIENT, failure, is_transient
 from pilamim.config import Params, ParamsError
@@ -27,6 +28,15 @@ from pilamim.tracking.server import TrackingUnavailable
 def _pilamim(cwd, *args, env=None):
     return subprocess.run([sys.executable, "-m", "pilamim.cli", *args], cwd=cwd,
                           capture_output=True, text=True, env=env)
+
+
+def _pilamim_here(cwd, monkeypatch, capsys, *args):
+    """The CLI's ``main`` in this process (exit code, stderr): for refusals, which stop before
+    any work, a subprocess would only add seconds of imports."""
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
 
 
 def _tiny_params(tmp_path):
@@ -45,23 +55,26 @@ def _tiny_params(tmp_path):
     return params
 
 
-@pytest.mark.slow  # seven CLI processes
-def test_stage_before_its_inputs_names_the_stage_to_run_first(tmp_path):
+def test_stage_before_its_inputs_names_the_stage_to_run_first(tmp_path, monkeypatch, capsys):
     _tiny_params(tmp_path)
-    done = _pilamim(tmp_path, "probe")
-    assert done.returncode == 1 and "pilamim prepare" in done.stderr
-    assert "Traceback" not in done.stderr
-    done = _pilamim(tmp_path, "prepare")
-    assert done.returncode == 1 and "pilamim fetch" in done.stderr, done.stderr
-    assert _pilamim(tmp_path, "fetch").returncode == 0
-    assert _pilamim(tmp_path, "prepare").returncode == 0
+
+    def run(stage):
+        return _pilamim_here(tmp_path, monkeypatch, capsys, stage, "--no-track")
+
+    code, err = run("probe")
+    assert code == 1 and "pilamim prepare" in err
+    assert "Traceback" not in err
+    code, err = run("prepare")
+    assert code == 1 and "pilamim fetch" in err, err
+    assert run("fetch")[0] == 0
+    assert run("prepare")[0] == 0
     for stage in ("probe", "finetune"):
-        done = _pilamim(tmp_path, stage)
-        assert done.returncode == 1 and "pilamim pretrain" in done.stderr, done.stderr
+        code, err = run(stage)
+        assert code == 1 and "pilamim pretrain" in err, err
 
 
 @pytest.mark.slow
-def test_prepare_pretrain_probe_finetune_through_the_cli(tmp_path):
+def test_prepare_pretrain_probe_finetune_through_the_cli(tmp_path, monkeypatch, capsys):
     _tiny_params(tmp_path)
     for stage in ("fetch", "prepare", "pretrain", "probe", "finetune"):
         done = _pilamim(tmp_path, stage)
@@ -93,9 +106,9 @@ def test_prepare_pretrain_probe_finetune_through_the_cli(tmp_path):
                           ({"in_chans": 3}, "takes 3-channel images but")):
         spec_path.write_text(json.dumps({**spec, **change}))
         for stage in ("probe", "finetune"):
-            done = _pilamim(tmp_path, stage, "--no-track")
-            assert done.returncode == 1 and words in done.stderr, done.stderr[-2000:]
-            assert "rerun `pilamim pretrain`" in done.stderr and "Traceback" not in done.stderr
+            code, err = _pilamim_here(tmp_path, monkeypatch, capsys, stage, "--no-track")
+            assert code == 1 and words in err, err[-2000:]
+            assert "rerun `pilamim pretrain`" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in (tmp_path / "metrics").iterdir()} == saved
 
 
