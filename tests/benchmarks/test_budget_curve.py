@@ -122,6 +122,12 @@ def test_suspects_run_beside_the_default_and_are_read_on_val(tmp_path):
     assert "- Best suspect for PiLaMIM on val kNN top-1: **" in md
     assert "PiLaMIM with it vs without on linear probe top-1" in md
 
+    # another suspect later: the report keeps the first one's rows
+    assert main([*args[:2], "--only", "cls_weight_half", *args[5:]]) == 0
+    md = (out / "suspects.md").read_text()
+    assert "| cls_weight_half | `model.cls_weight=0.5` | PiLaMIM |" in md
+    assert "| decoder_128 | `model.decoder_width=128` | MAE (pixel) |" in md
+
 
 _POOL = """
 import multiprocessing, os, sys, time
