@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fidelity_study import multi, runs, suspects
-from benchmarks.fidelity_study.budgets import BUDGETS, budget_params, runtime, with_paths
+from benchmarks.fidelity_study.budgets import BUDGETS, budget_params, runtime
 from pilamim.config import ParamsError
 from pilamim.io import atomic_write_text
 
@@ -96,9 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for name, s in studies.items()}
         # suspects run by earlier invocations stay in the report (read without preparing data)
         for name in suspects.SUSPECTS.keys() - studies.keys():
-            params = with_paths(budget_params(args.budget, args.params,
-                                              list(suspects.SUSPECTS[name].sets)),
-                                Path(), "shared", "pilamim", 0)  # as make_study, no data
+            params = multi.study_params(budget_params(
+                args.budget, args.params, list(suspects.SUSPECTS[name].sets)), Path())
             earlier = runs.load_results(suspects.study_dir(out, name), runs.fingerprint(params))[0]
             if earlier:
                 results[name] = earlier

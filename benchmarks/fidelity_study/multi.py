@@ -25,10 +25,16 @@ from .output import progress_line, study_meta, write_report
 Task = tuple[runs.Study, int, str]  # (study, seed, entry)
 
 
+def study_params(params: Params, work: Path) -> Params:
+    """The params a study of ``params`` holds (its fingerprint's input), without preparing
+    anything: enough to find its results on disk."""
+    return with_paths(params, work.absolute(), "shared", params.model.preset, 0)
+
+
 def make_study(params: Params, work: Path, out: Path, *, budget: str, command: str,
                track: bool, finetuned: tuple[str, ...]) -> runs.Study:
     """A study of ``params`` with its data prepared under ``work`` and results in ``out``."""
-    shared = with_paths(params, work.absolute(), "shared", params.model.preset, 0)
+    shared = study_params(params, work)
     prepared = prepare(shared.data)
     return runs.Study(params=shared, budget=budget, work=work.absolute(), out=out,
                       prepared=prepared, data=load_eval_images(prepared, params.model.img_size),
