@@ -71,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             track=not args.no_track,
             finetuned=runs.FINETUNED if name == suspects.DEFAULT else ())
             for name, s in sets.items()}
+        # suspects run by earlier invocations stay in the report: found by fingerprint alone
+        earlier = {name: runs.fingerprint(multi.study_params(budget_params(
+            args.budget, args.params, list(suspect.sets)), Path()))
+            for name, suspect in suspects.SUSPECTS.items() if name not in studies}
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -94,13 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   fresh, started)
         results = {name: runs.load_results(s.out, s.fingerprint)[0]
                    for name, s in studies.items()}
-        # suspects run by earlier invocations stay in the report (read without preparing data)
-        for name in suspects.SUSPECTS.keys() - studies.keys():
-            params = multi.study_params(budget_params(
-                args.budget, args.params, list(suspects.SUSPECTS[name].sets)), Path())
-            earlier = runs.load_results(suspects.study_dir(out, name), runs.fingerprint(params))[0]
-            if earlier:
-                results[name] = earlier
+        for name, fingerprint in earlier.items():
+            rows = runs.load_results(suspects.study_dir(out, name), fingerprint)[0]
+            if rows:
+                results[name] = rows
         meta = {"command": command, "written_at": time.strftime("%Y-%m-%d %H:%M")}
         return atomic_write_text(out / "suspects.md", suspects.markdown(results, meta))
 
