@@ -16,7 +16,8 @@ from typing import Any
 from pilamim.io import atomic_write
 
 from .chart import COLORS
-from .stats import LABELS, METRICS, Summary, cell, compare, describe, summarize
+from .stats import LABELS, METRICS, Comparison, Summary, cell, compare, describe, summarize
+from .stats import pts as signed_points
 
 FLOORS_AT = 1  # the floors do not depend on pretraining length: measured once, at x1
 CURVE_METRICS = ("probe_top1", "knn_top1", "lowlevel_top1", "lowlevel_knn_top1")
@@ -83,6 +84,43 @@ def floors(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Summary | N
     return out
 
 
+# The ablations against the baseline and against the full method: where each stands is what
+# a user choosing a preset for a longer schedule reads first.
+OTHER_PAIRS = (("pilamim_nocls", "mae"), ("pilamim_nocls", "pilamim"), ("latent", "mae"),
+               ("latent", "pilamim"))
+
+
+def _verdict_cell(c: Comparison) -> str:
+    if c.spread is None:
+        return f"{signed_points(c.diff)} (one seed)"
+    times = "no spread" if c.spread == 0 else f"{c.ratio:.1f}×"
+    return f"{signed_points(c.diff)} ({times}) {c.verdict}"
+
+
+def pair_table(curve_points: Sequence[Point], pairs: Sequence[tuple[str, str]] = OTHER_PAIRS
+               ) -> list[str]:
+    """One row per pair and metric, one column per budget: difference, |diff|/spread, verdict."""
+    by = {(p.entry, p.multiplier): p for p in curve_points}
+    ks = sorted({p.multiplier for p in curve_points})
+    rows = []
+    for a, b in pairs:
+        for metric in ("probe_top1", "knn_top1"):
+            cells = []
+            for k in ks:
+                sa = by[(a, k)].metrics.get(metric) if (a, k) in by else None
+                sb = by[(b, k)].metrics.get(metric) if (b, k) in by else None
+                cells.append("—" if sa is None or sb is None
+                             else _verdict_cell(compare(sa, sb, metric, a, b)))
+            if any(c != "—" for c in cells):
+                rows.append(f"| {LABELS.get(a, a)} vs {LABELS.get(b, b)} | {METRICS[metric]} | "
+                            + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "The other presets (points; |diff| / seed spread; verdict):", "",
+            "| pair | metric | " + " | ".join(f"x{k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks), *rows]
+
+
 def reading(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | None]],
             a: str = "pilamim", b: str = "mae") -> list[str]:
     """Where ``a`` overtakes ``b``, and where each preset's probe crosses raw pixels."""
@@ -97,6 +135,7 @@ def reading(pts: Sequence[Point], floor: Mapping[str, Mapping[str, Summary | Non
             if sa is None or sb is None:
                 continue
             lines.append(f"- x{k} ({pa.steps} steps): {describe(compare(sa, sb, metric, a, b))}")
+    lines += pair_table(pts)
     raw = floor.get("raw_pixels", {}).get("probe_top1")
     if raw is not None:
         lines.append("")

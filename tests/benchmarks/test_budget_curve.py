@@ -88,6 +88,28 @@ def test_reading_says_where_a_preset_overtakes_and_where_the_probe_crosses_raw_p
            "1.00 points below)" in text
 
 
+def test_reading_tables_the_ablations_against_mae_and_pilamim_at_every_budget():
+    results = {
+        1: [_result("pilamim", 1, s, p) for s, p in enumerate((0.79, 0.80, 0.81))]
+        + [_result("mae", 1, s, p) for s, p in enumerate((0.81, 0.82, 0.83))]
+        + [_result("pilamim_nocls", 1, s, p) for s, p in enumerate((0.835, 0.845, 0.855))],
+        2: [_result("mae", 2, s, p) for s, p in enumerate((0.83, 0.84, 0.85))]
+        + [_result("pilamim_nocls", 2, 0, 0.86)],
+    }
+    pts = curve.points(results, ["pilamim", "mae", "pilamim_nocls"])
+    text = "\n".join(curve.reading(pts, curve.floors(results[1])))
+    assert "| pair | metric | x1 | x2 |" in text
+    # x1: +2.50 over a pooled spread of 1.00; x2: one seed of no-[CLS], no verdict
+    assert ("| PiLaMIM w/o [CLS] vs MAE (pixel) | linear probe top-1 | +2.50 (2.5×) wins | "
+            "+2.00 (one seed) |") in text
+    assert ("| PiLaMIM w/o [CLS] vs PiLaMIM | linear probe top-1 | +4.50 (4.5×) wins | — |"
+            in text)
+    # equal kNN with no spread on either side: level, not an infinitely large ratio
+    assert "| PiLaMIM w/o [CLS] vs MAE (pixel) | kNN top-1 | +0.00 (no spread) within noise" \
+        in text
+    assert "latent" not in text  # a preset that was not run gets no row
+
+
 def test_x1_is_the_fidelity_study_folder_and_longer_budgets_sit_beside_it():
     root = Path("reports")
     assert curve.study_dir(root, 1) == root
