@@ -65,13 +65,18 @@ def _result(entry: str, k: int, seed: int, probe: float, knn: float = 0.5) -> di
                         "lowlevel_knn_top1": 0.3}}
 
 
+def _seeds(entry: str, k: int, probes: tuple[float, ...]) -> list[dict]:
+    """One result per seed, seed i with probe top-1 ``probes[i]``."""
+    return [_result(entry, k, s, p) for s, p in enumerate(probes)]
+
+
 def test_reading_says_where_a_preset_overtakes_and_where_the_probe_crosses_raw_pixels():
     results = {
-        1: [_result("pilamim", 1, s, p) for s, p in enumerate((0.79, 0.80, 0.81))]
-        + [_result("mae", 1, s, p) for s, p in enumerate((0.81, 0.82, 0.83))]
-        + [_result("raw_pixels", 1, s, p) for s, p in enumerate((0.849, 0.850, 0.851))],
-        2: [_result("pilamim", 2, s, p) for s, p in enumerate((0.86, 0.87, 0.88))]
-        + [_result("mae", 2, s, p) for s, p in enumerate((0.83, 0.84, 0.85))],
+        1: _seeds("pilamim", 1, (0.79, 0.80, 0.81))
+        + _seeds("mae", 1, (0.81, 0.82, 0.83))
+        + _seeds("raw_pixels", 1, (0.849, 0.850, 0.851)),
+        2: _seeds("pilamim", 2, (0.86, 0.87, 0.88))
+        + _seeds("mae", 2, (0.83, 0.84, 0.85)),
     }
     pts = curve.points(results, ["pilamim", "mae"])
     floor = curve.floors(results[1])
@@ -90,10 +95,10 @@ def test_reading_says_where_a_preset_overtakes_and_where_the_probe_crosses_raw_p
 
 def test_reading_tables_the_ablations_against_mae_and_pilamim_at_every_budget():
     results = {
-        1: [_result("pilamim", 1, s, p) for s, p in enumerate((0.79, 0.80, 0.81))]
-        + [_result("mae", 1, s, p) for s, p in enumerate((0.81, 0.82, 0.83))]
-        + [_result("pilamim_nocls", 1, s, p) for s, p in enumerate((0.835, 0.845, 0.855))],
-        2: [_result("mae", 2, s, p) for s, p in enumerate((0.83, 0.84, 0.85))]
+        1: _seeds("pilamim", 1, (0.79, 0.80, 0.81))
+        + _seeds("mae", 1, (0.81, 0.82, 0.83))
+        + _seeds("pilamim_nocls", 1, (0.835, 0.845, 0.855)),
+        2: _seeds("mae", 2, (0.83, 0.84, 0.85))
         + [_result("pilamim_nocls", 2, 0, 0.86)],
     }
     pts = curve.points(results, ["pilamim", "mae", "pilamim_nocls"])
